@@ -1,0 +1,100 @@
+"""The shared skeleton of every weight-quantization method: copy, plan, quantize, adjust, report.
+
+A method is a small class (one file each, in the style of brevitas' graph transforms): its
+settings go to the constructor and ``apply(model)`` returns ``(quantized_model, report)``. The
+input model is never modified unless ``inplace=True``. Subclasses override the hooks:
+
+* :meth:`prepare` -- change the full-precision model before quantizing (e.g. equalization);
+* :meth:`quantize_layer` -- how one weight is quantized (default: the paper's quantizers);
+* :meth:`adjust` -- change the quantized model afterwards (e.g. DF-MPC's compensation).
+"""
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+from torch import nn
+
+from ..errors import DfmpcError
+from ..plan import MixedPrecisionPlan, plan_layers
+from ..quantizers import GRANULARITIES, QuantizedTensor, quantize_weight
+from ..report import LayerReport, QuantizationReport
+from ..size import fp32_size_mb, quantized_size_mb
+
+
+class QuantizationMethod:
+    name = "base"
+    description = ""
+    needs_pairs = False
+
+    def __init__(self, bits="2/6", granularity: str = "tensor", unpaired: str = "high", keep_fp32=(),
+                 pairs=None, inplace: bool = False):
+        if granularity not in GRANULARITIES:
+            raise DfmpcError(f"unknown granularity {granularity!r}; use one of {', '.join(GRANULARITIES)}")
+        self.bits = bits
+        self.granularity = granularity
+        self.unpaired = unpaired
+        self.keep_fp32 = keep_fp32
+        self.pairs = pairs
+        self.inplace = inplace
+
+    # --- hooks -------------------------------------------------------------------------------
+    def settings(self) -> dict:
+        return {"granularity": self.granularity, "unpaired": self.unpaired, "keep_fp32": list(self.keep_fp32)}
+
+    def prepare(self, model: nn.Module, plan: MixedPrecisionPlan) -> None:
+        """Modify the full-precision copy before quantization. Default: nothing."""
+
+    def quantize_layer(self, name: str, weight: torch.Tensor, bits: int) -> QuantizedTensor:
+        return quantize_weight(weight, bits, self.granularity)
+
+    def adjust(self, model: nn.Module, plan: MixedPrecisionPlan, fp_weights: dict[str, torch.Tensor],
+               quantized: dict[str, QuantizedTensor]) -> dict[str, torch.Tensor]:
+        """Modify the quantized model; return compensation vectors (high layer name -> c). Default: none."""
+        return {}
+
+    def compensation_storage(self, compensation: dict[str, torch.Tensor]) -> dict[str, int]:
+        """Floats stored for the compensation vectors, per layer (counted in the model size)."""
+        return {k: v.numel() for k, v in compensation.items()}
+
+    # --- the skeleton ------------------------------------------------------------------------
+    def apply(self, model: nn.Module) -> tuple[nn.Module, QuantizationReport]:
+        if not isinstance(model, nn.Module):
+            raise DfmpcError(f"expected a torch.nn.Module, got {type(model).__name__}")
+        for pname, p in model.named_parameters():
+            if not torch.isfinite(p).all():
+                raise DfmpcError(f"parameter {pname!r} contains NaN or inf; fix the model's weights before quantizing")
+        start = time.perf_counter()
+        qmodel = model if self.inplace else copy.deepcopy(model)
+        plan = plan_layers(qmodel, self.bits, self.unpaired, self.keep_fp32, self.pairs, require_pairs=self.needs_pairs)
+        with torch.no_grad():
+            self.prepare(qmodel, plan)
+            modules = dict(qmodel.named_modules())
+            fp_weights, quantized = {}, {}
+            for a in plan.layers:
+                if a.bits >= 32:
+                    continue
+                layer = modules[a.name]
+                fp_weights[a.name] = layer.weight.detach().clone()
+                quantized[a.name] = self.quantize_layer(a.name, fp_weights[a.name], a.bits)
+                layer.weight.copy_(quantized[a.name].dequantize())
+            compensation = self.adjust(qmodel, plan, fp_weights, quantized)
+        seconds = time.perf_counter() - start
+        report = self._report(model, plan, compensation, seconds)
+        return qmodel, report
+
+    def _report(self, model, plan, compensation, seconds) -> QuantizationReport:
+        modules = dict(model.named_modules())
+        layers = []
+        for a in plan.layers:
+            m = modules[a.name]
+            c = compensation.get(a.name)
+            stats = {} if c is None else {"c_min": float(c.min()), "c_mean": float(c.mean()), "c_max": float(c.max())}
+            layers.append(LayerReport(name=a.name, kind=type(m).__name__, shape=tuple(m.weight.shape), role=a.role,
+                                      bits=a.bits, partner=a.partner, **stats))
+        size = quantized_size_mb(model, plan.bits_by_layer(), self.granularity,
+                                 self.compensation_storage(compensation))
+        return QuantizationReport(method=self.name, bits=f"{plan.low_bits}/{plan.high_bits}", settings=self.settings(),
+                                  layers=layers, pairs=[(p.low, p.high) for p in plan.pairs], size_mb=size,
+                                  fp32_size_mb=fp32_size_mb(model), seconds=seconds, compensation=compensation)

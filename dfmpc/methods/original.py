@@ -1,0 +1,11 @@
+"""Direct quantization: the paper's "Original" rows of Tables 1-2.
+
+Every layer is quantized with the bit width of the mixed-precision plan (low layers ternary or
+k-bit, the rest high-bit), with the quantizers' own scales and nothing else: no compensation.
+"""
+from .base import QuantizationMethod
+
+
+class DirectQuantization(QuantizationMethod):
+    name = "original"
+    description = "direct quantization with the paper's quantizers, no compensation (Tables 1-2, 'Original')"

@@ -1,0 +1,116 @@
+"""Which bit width every weight layer gets: the layer-wise mixed-precision plan.
+
+Layers in a pair (see :mod:`dfmpc.graph`): layer l gets the low bit width, layer l+1 the high one
+(paper Figure 2). Layers outside every pair -- the stem convolution, shortcut / downsample
+convolutions, the classifier, a convolution whose output feeds a residual sum -- follow a
+configurable policy:
+
+* ``unpaired="high"`` (default): quantized to the high bit width. Nothing compensates their
+  error, so they get the precision that is meant to be accurate on its own.
+* ``unpaired="low"``: quantized to the low bit width (an aggressive, uncompensated setting).
+* ``unpaired="fp32"``: kept in full precision.
+
+``keep_fp32`` names layers that stay in full precision whatever their role; the tokens
+``"first"`` and ``"last"`` stand for the first and last weight layer in execution order.
+A pair whose low or high layer is kept in full precision is dropped (nothing to compensate).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+import re
+
+from torch import nn
+
+from .errors import DfmpcError
+from .graph import LayerPair, find_pairs, trace, weight_layer_names
+from .quantizers import MAX_BITS, MIN_BITS
+
+UNPAIRED_POLICIES = ("high", "low", "fp32")
+FP32 = 32
+
+
+def parse_bits(bits) -> tuple[int, int]:
+    """``"2/6"`` or ``(2, 6)`` -> (low, high), checking 2 <= low <= high <= 8. ``"6"`` means 6/6."""
+    if isinstance(bits, str):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:/\s*(\d+)\s*)?", bits)
+        if not m:
+            raise DfmpcError(f"bits {bits!r} is not LOW/HIGH; write e.g. 2/6 (2 <= LOW <= HIGH <= 8)")
+        low, high = int(m.group(1)), int(m.group(2) or m.group(1))
+    elif isinstance(bits, (tuple, list)) and len(bits) == 2 and all(isinstance(b, int) for b in bits):
+        low, high = bits
+    elif isinstance(bits, int) and not isinstance(bits, bool):
+        low = high = bits
+    else:
+        raise DfmpcError(f"bits {bits!r} is not LOW/HIGH; write e.g. '2/6' or (2, 6)")
+    if not (MIN_BITS <= low <= high <= MAX_BITS):
+        raise DfmpcError(f"bits {low}/{high} out of range; need {MIN_BITS} <= LOW <= HIGH <= {MAX_BITS}, e.g. 2/6")
+    return low, high
+
+
+@dataclass(frozen=True)
+class LayerAssignment:
+    """The plan for one weight layer. ``bits`` is 32 for a layer kept in full precision."""
+
+    name: str
+    role: str  # "low" | "high" | "unpaired" | "fp32"
+    bits: int
+    partner: str | None = None
+
+
+@dataclass(frozen=True)
+class MixedPrecisionPlan:
+    layers: tuple[LayerAssignment, ...]
+    pairs: tuple[LayerPair, ...]
+    low_bits: int
+    high_bits: int
+
+    def bits_by_layer(self) -> dict[str, int]:
+        return {a.name: a.bits for a in self.layers}
+
+
+def plan_layers(model: nn.Module, bits="2/6", unpaired: str = "high", keep_fp32=(), pairs=None,
+                require_pairs: bool = True) -> MixedPrecisionPlan:
+    """Assign a role and a bit width to every Conv2d / Linear layer of ``model``.
+
+    ``pairs``: None to find them from the graph, or a list of :class:`LayerPair` given by hand.
+    ``require_pairs``: raise when no pair exists (a compensation method needs one; direct
+    quantization does not).
+    """
+    low_bits, high_bits = parse_bits(bits)
+    if unpaired not in UNPAIRED_POLICIES:
+        raise DfmpcError(f"unknown unpaired policy {unpaired!r}; use one of {', '.join(UNPAIRED_POLICIES)}")
+    if pairs is None:
+        gm = trace(model)
+        names = weight_layer_names(model, gm)
+        pairs = find_pairs(model, gm)
+    else:
+        names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    if not names:
+        raise DfmpcError(f"{type(model).__name__} has no Conv2d or Linear layer; nothing to quantize")
+    if isinstance(keep_fp32, str):
+        keep_fp32 = (keep_fp32,)
+    fp32 = set()
+    for name in keep_fp32:
+        resolved = {"first": names[0], "last": names[-1]}.get(name, name)
+        if resolved not in names:
+            raise DfmpcError(f"keep_fp32 names {name!r}, which is not a Conv2d/Linear layer; use 'first', 'last' or a layer name")
+        fp32.add(resolved)
+    pairs = tuple(p for p in pairs if p.low not in fp32 and p.high not in fp32)
+    if not pairs and require_pairs:
+        raise DfmpcError(f"{type(model).__name__} has nothing to compensate: no layer -> [BN] -> activation -> layer "
+                         "chain was found (residual sums and concatenations break chains); pass pairs=[(low, high)] "
+                         "or use method='original'")
+    role = {}
+    for p in pairs:
+        role[p.low] = LayerAssignment(p.low, "low", low_bits, p.high)
+        role[p.high] = LayerAssignment(p.high, "high", high_bits, p.low)
+    unpaired_bits = {"high": high_bits, "low": low_bits, "fp32": FP32}[unpaired]
+    layers = []
+    for name in names:
+        if name in fp32:
+            layers.append(LayerAssignment(name, "fp32", FP32))
+        elif name in role:
+            layers.append(role[name])
+        else:
+            layers.append(LayerAssignment(name, "unpaired" if unpaired_bits != FP32 else "fp32", unpaired_bits))
+    return MixedPrecisionPlan(layers=tuple(layers), pairs=pairs, low_bits=low_bits, high_bits=high_bits)

@@ -1,0 +1,49 @@
+"""What a quantization method did to every layer, and what the result costs."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    name: str
+    kind: str  # "Conv2d" | "Linear"
+    shape: tuple[int, ...]
+    role: str  # "low" | "high" | "unpaired" | "fp32"
+    bits: int  # 32 = full precision
+    partner: str | None = None
+    c_min: float | None = None  # compensation vector of a high layer (Eq. 7), when there is one
+    c_mean: float | None = None
+    c_max: float | None = None
+
+
+@dataclass
+class QuantizationReport:
+    method: str
+    bits: str
+    settings: dict
+    layers: list[LayerReport]
+    pairs: list[tuple[str, str]]
+    size_mb: float
+    fp32_size_mb: float
+    seconds: float
+    compensation: dict = field(default_factory=dict, repr=False)  # high layer name -> c (torch tensor)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("compensation")
+        return d
+
+    def table(self) -> str:
+        """One line per weight layer: role, bits, partner and the compensation it got."""
+        rows = [("layer", "kind", "role", "bits", "partner", "c min/mean/max")]
+        for lr in self.layers:
+            c = "" if lr.c_mean is None else f"{lr.c_min:.3f}/{lr.c_mean:.3f}/{lr.c_max:.3f}"
+            rows.append((lr.name, lr.kind, lr.role, "fp32" if lr.bits == 32 else str(lr.bits), lr.partner or "", c))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
+
+    def __str__(self) -> str:
+        head = (f"{self.method} {self.bits}: {len(self.pairs)} pairs, {len(self.layers)} weight layers, "
+                f"{self.size_mb:.2f} MB (fp32 {self.fp32_size_mb:.2f} MB), {self.seconds:.3f} s")
+        return head + "\n" + self.table()

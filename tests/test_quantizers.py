@@ -1,0 +1,85 @@
+import pytest
+import torch
+
+from dfmpc import DfmpcError, quantize_weight, ternary_quantize, uniform_quantize
+
+
+def eq6_reference(w, k):
+    """Paper Eq. (6) written literally, times max|w| to undo the dropped scale."""
+    m = w.abs().max()
+    q = 2 / (2**k - 1) * torch.round((2**k - 1) * (w / (2 * m) + 0.5)) - 1
+    return m * q
+
+
+def test_ternary_matches_eq3_eq4_by_hand():
+    w = torch.tensor([[0.9, -0.1, 0.05, -1.2], [0.3, 0.0, -0.4, 0.2]])
+    qt = ternary_quantize(w)
+    delta = 0.7 * w.abs().mean()  # Eq. 4
+    expected_codes = torch.where(w > delta, 1, torch.where(w < -delta, -1, 0))
+    assert torch.equal(qt.codes.long(), expected_codes)
+    alpha = w.abs()[w.abs() > delta].mean()
+    assert torch.allclose(qt.scale, alpha)
+    assert torch.allclose(qt.dequantize(), alpha * expected_codes)
+    assert qt.weight_bits == 8 * 2
+
+
+def test_ternary_per_channel_uses_channel_statistics():
+    w = torch.randn(8, 4, 3, 3) * torch.logspace(-2, 0, 8).reshape(8, 1, 1, 1)
+    qt = ternary_quantize(w, granularity="channel")
+    assert qt.scale.shape == (8,)
+    for j in range(8):
+        ref = ternary_quantize(w[j : j + 1])
+        assert torch.equal(qt.codes[j], ref.codes[0])
+        assert torch.allclose(qt.scale[j], ref.scale)
+    # per channel fits a weight with channels of very different magnitude better than per tensor
+    err_c = (qt.dequantize() - w).norm()
+    err_t = (ternary_quantize(w).dequantize() - w).norm()
+    assert err_c < err_t
+
+
+@pytest.mark.parametrize("k", range(3, 9))
+def test_uniform_matches_eq6_literally(k):
+    w = torch.randn(16, 8, 3, 3)
+    qt = uniform_quantize(w, k)
+    assert torch.allclose(qt.dequantize(), eq6_reference(w, k), atol=1e-6)
+    assert int(qt.codes.min()) >= 0 and int(qt.codes.max()) <= 2**k - 1
+    step = 2 * w.abs().max() / (2**k - 1)
+    assert (qt.dequantize() - w).abs().max() <= step / 2 + 1e-6
+
+
+def test_uniform_error_shrinks_with_bits():
+    w = torch.randn(64, 64)
+    errors = [(uniform_quantize(w, k).dequantize() - w).norm().item() for k in range(3, 9)]
+    assert all(a > b for a, b in zip(errors, errors[1:]))
+
+
+def test_quantize_weight_dispatches_2_bits_to_ternary():
+    w = torch.randn(4, 4)
+    assert quantize_weight(w, 2).is_ternary
+    assert set(quantize_weight(w, 2).codes.unique().tolist()) <= {-1, 0, 1}
+    assert quantize_weight(w, 6).bits == 6
+
+
+def test_all_zero_channel_gives_zero_not_nan():
+    w = torch.randn(4, 3, 3, 3)
+    w[1] = 0
+    for qt in (ternary_quantize(w, "channel"), uniform_quantize(w, 4, "channel"), ternary_quantize(torch.zeros(3, 3))):
+        deq = qt.dequantize()
+        assert torch.isfinite(deq).all()
+    assert (ternary_quantize(w, "channel").dequantize()[1] == 0).all()
+    assert (uniform_quantize(w, 4, "channel").dequantize()[1] == 0).all()
+
+
+@pytest.mark.parametrize("bits", [1, 9, 0, -2, 2.5, True])
+def test_bits_out_of_range_raise(bits):
+    with pytest.raises(DfmpcError, match="bits"):
+        quantize_weight(torch.randn(3, 3), bits)
+
+
+def test_nan_weights_and_bad_granularity_raise():
+    w = torch.randn(3, 3)
+    w[0, 0] = float("nan")
+    with pytest.raises(DfmpcError, match="NaN"):
+        ternary_quantize(w)
+    with pytest.raises(DfmpcError, match="granularity"):
+        uniform_quantize(torch.randn(3, 3), 4, granularity="row")
