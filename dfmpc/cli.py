@@ -1,0 +1,205 @@
+"""The ``dfmpc`` command line.
+
+    dfmpc models                      # the model names
+    dfmpc methods                     # the quantization methods
+    dfmpc quantize --model resnet56_cifar10_a --weights resnet56.th --dataset cifar10 \\
+                   --data-dir ../shared/data/cifar10/test_jpeg --bits 2/6 --json out.json
+
+Bad input ends with one line on stderr naming the problem and the fix, and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .errors import DfmpcError
+from .methods import METHODS
+from .plan import parse_bits
+
+
+def _methods(value: str) -> list[str]:
+    names = list(METHODS) if value.strip() == "all" else [v.strip() for v in value.split(",") if v.strip()]
+    for name in names:
+        if name not in METHODS:
+            raise DfmpcError(f"unknown method {name!r}; choose from {', '.join(METHODS)} or 'all' (dfmpc methods lists them)")
+    return names
+
+
+def _non_negative(name: str, value: float) -> float:
+    if not value >= 0:  # also rejects NaN
+        raise DfmpcError(f"--{name} must be a non-negative number, got {value}")
+    return value
+
+
+def method_settings(method: str, args) -> dict:
+    """The CLI options a method's constructor accepts (lambda1/lambda2 only reach methods that take them)."""
+    accepted = inspect.signature(METHODS[method].__init__).parameters
+    candidates = {"lambda1": args.lambda1, "lambda2": args.lambda2, "fold": args.fold}
+    settings = {k: v for k, v in candidates.items() if k in accepted}
+    settings.update(granularity=args.granularity, unpaired=args.unpaired, keep_fp32=tuple(args.keep_fp32))
+    return settings
+
+
+def format_table(rows: list[dict]) -> str:
+    header = ("method", "bits", "size MB", "top-1 %", "top-5 %", "quantize s")
+    lines = [header]
+    for r in rows:
+        seconds = "" if r["quantize_seconds"] is None else f"{r['quantize_seconds']:.3f}"
+        lines.append((r["method"], r["bits"], f"{r['size_mb']:.2f}", f"{r['top1']:.2f}", f"{r['top5']:.2f}", seconds))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(line, widths)))
+                     for line in lines)
+
+
+def cmd_quantize(args) -> int:
+    from .api import quantize
+    from .data import DATASETS, load_dataset
+    from .evaluate import evaluate
+    from .models import load_model
+    from .size import fp32_size_mb
+
+    low, high = parse_bits(args.bits)
+    bits = f"{low}/{high}"
+    _non_negative("lambda1", args.lambda1)
+    _non_negative("lambda2", args.lambda2)
+    methods = _methods(args.method)
+    if args.weights is not None and not Path(args.weights).is_file():
+        raise DfmpcError(f"weights file {args.weights!r} does not exist; check the --weights path")
+    if args.limit is not None and args.limit < 1:
+        raise DfmpcError(f"--limit must be a positive number of images, got {args.limit}")
+    torch.manual_seed(args.seed)
+
+    if args.dataset is not None and args.dataset not in DATASETS:
+        raise DfmpcError(f"unknown dataset {args.dataset!r}; choose one of {', '.join(DATASETS)}")
+    model, spec = load_model(args.model, weights=args.weights)
+    dataset_name = args.dataset or spec.dataset
+    if dataset_name != spec.dataset:
+        raise DfmpcError(f"model {args.model} classifies {spec.dataset} images, not {dataset_name}; "
+                         f"use --dataset {spec.dataset} or another model")
+    data = load_dataset(dataset_name, args.data_dir, transform=spec.eval_transform(), limit=args.limit,
+                        seed=args.seed, cache=True)
+    progress = not args.no_progress
+    device = args.device
+
+    results = []
+    fp = evaluate(model, data, batch_size=args.batch_size, device=device, progress=progress, desc="fp32")
+    results.append({"method": "fp32", "bits": "32", "lambda1": None, "lambda2": None,
+                    "size_mb": fp32_size_mb(model), "top1": fp["top1"], "top5": fp["top5"], "quantize_seconds": None})
+    saved = None
+    for method in methods:
+        settings = method_settings(method, args)
+        qmodel, report = quantize(model, bits=bits, method=method, **settings)
+        acc = evaluate(qmodel, data, batch_size=args.batch_size, device=device, progress=progress, desc=method)
+        results.append({"method": method, "bits": bits, "lambda1": settings.get("lambda1"),
+                        "lambda2": settings.get("lambda2"), "size_mb": report.size_mb, "top1": acc["top1"],
+                        "top5": acc["top5"], "quantize_seconds": report.seconds})
+        if method == "dfmpc" or saved is None:
+            saved = (method, qmodel, report)
+
+    n = len(data)
+    print(f"{args.model} on {dataset_name} ({n} images{'' if args.data_dir is None else ' from ' + str(args.data_dir)})")
+    print(format_table(results))
+    if args.json:
+        out = {"model": args.model, "dataset": dataset_name, "data_dir": args.data_dir, "limit": args.limit,
+               "images": n, "device": str(device or ("cuda" if torch.cuda.is_available() else "cpu")),
+               "seed": args.seed, "version": __version__, "torch": torch.__version__, "results": results}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    if args.save and saved is not None:
+        method, qmodel, report = saved
+        Path(args.save).parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": args.model, "method": method, "bits": bits, "settings": report.settings,
+                    "state_dict": qmodel.state_dict()}, args.save)
+        print(f"saved the {method} model's weights to {args.save} (load_model({args.model!r}) then load_state_dict)")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .models import list_models
+
+    print("\n".join(list_models()))
+    return 0
+
+
+def cmd_methods(args) -> int:
+    width = max(len(n) for n in METHODS)
+    for name, cls in METHODS.items():
+        print(f"{name.ljust(width)}  {cls.description}")
+    return 0
+
+
+def cmd_benchmark(args) -> int:
+    from .benchmark import benchmark
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rows = benchmark([m.strip() for m in args.models.split(",") if m.strip()], args.bits, args.repeat, device)
+    print(f"{'model':<22} {'params':>10} {'pairs':>5} {'cold s':>8} {'median s':>9} {'min s':>7}  device  weights")
+    for r in rows:
+        print(f"{r['model']:<22} {r['parameters']:>10,} {r['pairs']:>5} {r['cold_s']:>8.3f} {r['median_s']:>9.3f} "
+              f"{r['min_s']:>7.3f}  {r['device']:<6}  {r['weights']}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=2) + "\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dfmpc", description="Data-free mixed-precision compensation (DF-MPC).")
+    parser.add_argument("--version", action="version", version=f"dfmpc {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("models", help="list the model names").set_defaults(func=cmd_models)
+    sub.add_parser("methods", help="list the quantization methods").set_defaults(func=cmd_methods)
+
+    b = sub.add_parser("benchmark", help="time quantize + compensate (evaluation excluded)")
+    b.add_argument("--models", default="resnet18,resnet56_cifar10_a", help="comma-separated model names")
+    b.add_argument("--bits", default="2/6")
+    b.add_argument("--repeat", type=int, default=5)
+    b.add_argument("--device", help="cpu | cuda (default: cuda when available)")
+    b.add_argument("--json", help="write the timings here as JSON")
+    b.set_defaults(func=cmd_benchmark)
+
+    q = sub.add_parser("quantize", help="quantize a model and evaluate fp32, direct quantization and DF-MPC")
+    q.add_argument("--model", required=True, help="a name from `dfmpc models`")
+    q.add_argument("--weights", help="local weights file for the model (default: offline copy or download)")
+    q.add_argument("--dataset", help="cifar10 | cifar100 | imagenet (default: the model's)")
+    q.add_argument("--data-dir", help="image folder or torchvision root (default: $DFMPC_SHARED copy or download)")
+    q.add_argument("--bits", default="2/6", help="LOW/HIGH with 2 <= LOW <= HIGH <= 8; 2 means ternary (default 2/6)")
+    q.add_argument("--method", default="original,dfmpc", help="method name(s), comma-separated, or 'all' (default original,dfmpc)")
+    q.add_argument("--lambda1", type=float, default=0.5, help="weight of ||Theta||^2 (default 0.5)")
+    q.add_argument("--lambda2", type=float, default=0.0, help="weight of ||c||^2 (default 0)")
+    q.add_argument("--granularity", choices=("tensor", "channel"), default="tensor", help="scale per tensor (paper) or per output channel")
+    q.add_argument("--unpaired", choices=("high", "low", "fp32"), default="high", help="bits of layers outside any pair")
+    q.add_argument("--keep-fp32", nargs="*", default=[], help="layers kept in full precision ('first', 'last' or names)")
+    q.add_argument("--fold", choices=("next", "bn"), default="next", help="put c into layer l+1 (Eq. 7) or into the BN of layer l")
+    q.add_argument("--limit", type=int, help="evaluate on a fixed random subset of N images")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--batch-size", type=int, default=256)
+    q.add_argument("--device", help="cpu | cuda (default: cuda when available)")
+    q.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    q.add_argument("--save", help="write the quantized model's state_dict here")
+    q.add_argument("--json", help="write the results here as JSON")
+    q.set_defaults(func=cmd_quantize)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except DfmpcError as exc:
+        print(f"dfmpc: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dfmpc: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
