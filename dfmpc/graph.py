@@ -50,10 +50,23 @@ class LayerPair:
     exact: bool
 
 
+class _LayerTracer(fx.Tracer):
+    """Keeps every Conv2d / Linear / BatchNorm a leaf, subclasses defined outside torch.nn included.
+
+    The default tracer only keeps torch.nn's own classes as leaves: a library's ``Conv2d`` subclass
+    (EfficientNet-Lite's "same"-padding conv, say) would be traced into a bare conv2d call.
+    """
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, WEIGHT_LAYERS + BATCH_NORMS) or super().is_leaf_module(m, qualname)
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
-    """``torch.fx.symbolic_trace`` with an error that says what to do when it fails."""
+    """Trace ``model`` with torch.fx, with an error that says what to do when it fails."""
     try:
-        return fx.symbolic_trace(model)
+        tracer = _LayerTracer()
+        graph = tracer.trace(model)
+        return fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as exc:  # fx raises many types; the user needs one clear message
         raise DfmpcError(f"cannot trace {type(model).__name__} with torch.fx ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''}); pass the pairs explicitly: "

@@ -1,0 +1,175 @@
+"""Evaluation data sets: CIFAR-10/100 test sets and ImageNet validation images.
+
+``load_dataset`` reads
+
+* CIFAR-10/100 from a folder of class folders of images (class folders sorted by name give
+  the label order, e.g. shared/data/cifar10/test_jpeg), or else torchvision's CIFAR test set
+  (downloaded into ``data_dir`` when ``download=True``);
+* ImageNet from a folder ``<wnid>/*.JPEG`` whose labels are the line numbers of the wnids in
+  ``synset_words.txt`` -- not the enumeration of the folders present, which is wrong as soon
+  as a class is missing (the shared subset has 725 of the 1,000 classes).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+from .errors import DfmpcError
+
+__all__ = ["load_dataset", "default_data_dir", "ImageListDataset", "DATASETS"]
+
+DATASETS = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}
+_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".webp")
+_SHARED_DIRS = {"cifar10": "data/cifar10/test_jpeg", "imagenet": "data/imagenet/val_subset"}
+
+
+class ImageListDataset(Dataset):
+    """Images given as ``(path, label)`` pairs, decoded to RGB on access (like ImageFolder)."""
+
+    def __init__(self, samples: list[tuple[str, int]], transform=None, classes: list[str] | None = None):
+        self.samples = samples
+        self.targets = [label for _, label in samples]
+        self.transform = transform
+        self.classes = classes
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        path, label = self.samples[index]
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+        return (self.transform(img) if self.transform is not None else img), label
+
+
+def default_data_dir(name: str) -> Path | None:
+    """The offline copy of data set ``name`` under ``$DFMPC_SHARED``, or None if that is unset/unknown."""
+    shared = os.environ.get("DFMPC_SHARED")
+    sub = _SHARED_DIRS.get(name.lower())
+    return Path(shared) / sub if shared and sub else None
+
+
+def load_dataset(name: str, data_dir: str | os.PathLike | None = None, transform=None, limit: int | None = None,
+                 seed: int = 0, download: bool = True, cache: bool = False,
+                 synsets: str | os.PathLike | None = None) -> Dataset:
+    """Evaluation split of ``name`` ("cifar10", "cifar100", "imagenet") yielding ``(image, label)``.
+
+    ``data_dir``: see the module docstring; None -> :func:`default_data_dir`, else (CIFAR only)
+    ``~/.cache/dfmpc/<name>`` for torchvision's download.  ``transform`` is applied to each PIL image.
+    ``limit=N``: a random subset of N images chosen by a permutation seeded with ``seed`` (the
+    folders are sorted by class, so the first N would be a few classes only); N >= size -> all.
+    ``cache=True``: decode and transform every image once and keep the tensors in memory
+    (``transform`` defaults to ``ToTensor`` then).  ``synsets``: ImageNet class list, default
+    ``synset_words.txt`` in ``data_dir`` or its parent.
+    """
+    key = name.strip().lower()
+    if key not in DATASETS:
+        raise DfmpcError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
+    if limit is not None and limit < 1:
+        raise DfmpcError(f"--limit must be a positive number of images, got {limit}")
+    if cache and transform is None:
+        from torchvision.transforms import ToTensor
+
+        transform = ToTensor()
+
+    if data_dir is None:
+        data_dir = default_data_dir(key)
+    if data_dir is None and key != "imagenet":
+        data_dir = Path.home() / ".cache" / "dfmpc" / key
+        data_dir.mkdir(parents=True, exist_ok=True)
+    if data_dir is None:
+        raise DfmpcError("ImageNet cannot be downloaded; pass --data-dir with a folder of <wnid>/*.JPEG images "
+                         "(or set DFMPC_SHARED)")
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise DfmpcError(f"data folder {str(root)!r} does not exist; pass --data-dir with a local copy of {key}")
+
+    if key == "imagenet":
+        dataset = _imagenet(root, transform, synsets)
+    elif _class_folders(root):
+        dataset = _cifar_folder(root, key, transform)
+    else:
+        dataset = _cifar_torchvision(root, key, transform, download)
+
+    if limit is not None and limit < len(dataset):
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+        dataset = Subset(dataset, order[:limit].tolist())
+    return _cache(dataset, key) if cache else dataset
+
+
+def _class_folders(root: Path) -> list[Path]:
+    """Sub-folders of ``root`` that contain images (sorted by name)."""
+    return sorted(d for d in root.iterdir() if d.is_dir() and _images(d))
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_EXTENSIONS and p.is_file())
+
+
+def _cifar_folder(root: Path, key: str, transform) -> ImageListDataset:
+    folders = _class_folders(root)
+    if len(folders) != DATASETS[key]:
+        raise DfmpcError(f"{str(root)!r} has {len(folders)} class folders of images but {key} has "
+                         f"{DATASETS[key]} classes; pass the --data-dir of {key}")
+    samples = [(str(p), label) for label, d in enumerate(folders) for p in _images(d)]
+    return ImageListDataset(samples, transform, [d.name for d in folders])
+
+
+def _cifar_torchvision(root: Path, key: str, transform, download: bool) -> Dataset:
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    cls = CIFAR10 if key == "cifar10" else CIFAR100
+    try:
+        return cls(root=str(root), train=False, download=download, transform=transform)
+    except RuntimeError as e:  # "Dataset not found or corrupted." when download=False
+        raise DfmpcError(f"no {key} test set in {str(root)!r} ({e}); pass --data-dir with a local copy") from None
+    except Exception as e:  # offline download: URLError and the like
+        raise DfmpcError(f"cannot download {key} into {str(root)!r} ({type(e).__name__}); without internet "
+                         "pass --data-dir with a local copy (class folders of images or torchvision's files)") from None
+
+
+def _read_synsets(root: Path, synsets) -> list[str]:
+    candidates = [Path(synsets).expanduser()] if synsets else [root / "synset_words.txt",
+                                                               root.parent / "synset_words.txt"]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise DfmpcError(f"ImageNet class list {' or '.join(map(str, candidates))} not found; pass --synsets "
+                         "with synset_words.txt (one wnid per line in class-index order)")
+    wnids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    if len(wnids) != 1000:
+        raise DfmpcError(f"{str(path)!r} lists {len(wnids)} classes, expected 1000 ImageNet wnids")
+    return wnids
+
+
+def _imagenet(root: Path, transform, synsets) -> ImageListDataset:
+    wnids = _read_synsets(root, synsets)
+    index = {w: i for i, w in enumerate(wnids)}
+    folders = _class_folders(root)
+    if not folders:
+        raise DfmpcError(f"no <wnid>/ image folders in {str(root)!r}; pass --data-dir with ImageNet validation images")
+    unknown = [d.name for d in folders if d.name not in index]
+    if unknown:
+        raise DfmpcError(f"folder {unknown[0]!r} in {str(root)!r} is not an ImageNet wnid of the class list; "
+                         "pass --data-dir with <wnid>/*.JPEG folders")
+    samples = [(str(p), index[d.name]) for d in folders for p in _images(d)]
+    return ImageListDataset(samples, transform, wnids)
+
+
+def _cache(dataset: Dataset, key: str) -> TensorDataset:
+    """Decode and transform every image once; keep images and labels as two tensors."""
+    from tqdm.auto import tqdm
+
+    images, labels = [], []
+    for img, label in tqdm(dataset, desc=f"caching {key}", unit="img", leave=False):
+        if not isinstance(img, torch.Tensor):
+            raise DfmpcError("cache=True needs a transform that returns tensors")
+        images.append(img)
+        labels.append(int(label))
+    if not images:
+        raise DfmpcError(f"the {key} data set is empty")
+    return TensorDataset(torch.stack(images), torch.tensor(labels))
