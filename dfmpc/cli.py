@@ -31,27 +31,40 @@ def _methods(value: str) -> list[str]:
     return names
 
 
-def _non_negative(name: str, value: float) -> float:
-    if not value >= 0:  # also rejects NaN
-        raise DfmpcError(f"--{name} must be a non-negative number, got {value}")
-    return value
+def _floats(name: str, value: str) -> list[float]:
+    """A comma-separated list of non-negative numbers (a sweep), e.g. "0,0.5"."""
+    out = []
+    for item in str(value).split(","):
+        try:
+            x = float(item)
+        except ValueError:
+            raise DfmpcError(f"--{name} takes numbers separated by commas, got {value!r}") from None
+        if not x >= 0:  # also rejects NaN
+            raise DfmpcError(f"--{name} must be a non-negative number, got {item.strip()}")
+        out.append(x)
+    return out
 
 
-def method_settings(method: str, args) -> dict:
-    """The CLI options a method's constructor accepts (lambda1/lambda2 only reach methods that take them)."""
+def method_settings(method: str, args) -> list[dict]:
+    """The settings each run of ``method`` gets: one per (lambda1, lambda2) if it takes lambdas, else one."""
     accepted = inspect.signature(METHODS[method].__init__).parameters
-    candidates = {"lambda1": args.lambda1, "lambda2": args.lambda2, "fold": args.fold}
-    settings = {k: v for k, v in candidates.items() if k in accepted}
-    settings.update(granularity=args.granularity, unpaired=args.unpaired, keep_fp32=tuple(args.keep_fp32))
-    return settings
+    common = {"granularity": args.granularity, "unpaired": args.unpaired, "keep_fp32": tuple(args.keep_fp32)}
+    if "fold" in accepted:
+        common["fold"] = args.fold
+    if "lambda1" not in accepted:
+        return [common]
+    return [{**common, "lambda1": l1, "lambda2": l2}
+            for l1 in _floats("lambda1", args.lambda1) for l2 in _floats("lambda2", args.lambda2)]
 
 
 def format_table(rows: list[dict]) -> str:
-    header = ("method", "bits", "size MB", "top-1 %", "top-5 %", "quantize s")
+    header = ("method", "bits", "lambda1", "lambda2", "size MB", "top-1 %", "top-5 %", "quantize s")
     lines = [header]
     for r in rows:
         seconds = "" if r["quantize_seconds"] is None else f"{r['quantize_seconds']:.3f}"
-        lines.append((r["method"], r["bits"], f"{r['size_mb']:.2f}", f"{r['top1']:.2f}", f"{r['top5']:.2f}", seconds))
+        lams = ["" if r[k] is None else f"{r[k]:g}" for k in ("lambda1", "lambda2")]
+        lines.append((r["method"], r["bits"], *lams, f"{r['size_mb']:.2f}", f"{r['top1']:.2f}", f"{r['top5']:.2f}",
+                      seconds))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(line, widths)))
                      for line in lines)
@@ -64,10 +77,8 @@ def cmd_quantize(args) -> int:
     from .models import load_model
     from .size import fp32_size_mb
 
-    low, high = parse_bits(args.bits)
-    bits = f"{low}/{high}"
-    _non_negative("lambda1", args.lambda1)
-    _non_negative("lambda2", args.lambda2)
+    bit_list = ["{}/{}".format(*parse_bits(b)) for b in args.bits.split(",")]
+    _floats("lambda1", args.lambda1), _floats("lambda2", args.lambda2)
     methods = _methods(args.method)
     if args.weights is not None and not Path(args.weights).is_file():
         raise DfmpcError(f"weights file {args.weights!r} does not exist; check the --weights path")
@@ -92,15 +103,18 @@ def cmd_quantize(args) -> int:
     results.append({"method": "fp32", "bits": "32", "lambda1": None, "lambda2": None,
                     "size_mb": fp32_size_mb(model), "top1": fp["top1"], "top5": fp["top5"], "quantize_seconds": None})
     saved = None
-    for method in methods:
-        settings = method_settings(method, args)
-        qmodel, report = quantize(model, bits=bits, method=method, **settings)
-        acc = evaluate(qmodel, data, batch_size=args.batch_size, device=device, progress=progress, desc=method)
-        results.append({"method": method, "bits": bits, "lambda1": settings.get("lambda1"),
-                        "lambda2": settings.get("lambda2"), "size_mb": report.size_mb, "top1": acc["top1"],
-                        "top5": acc["top5"], "quantize_seconds": report.seconds})
-        if method == "dfmpc" or saved is None:
-            saved = (method, qmodel, report)
+    for bits in bit_list:
+        for method in methods:
+            for settings in method_settings(method, args):
+                qmodel, report = quantize(model, bits=bits, method=method, **settings)
+                desc = f"{method} {bits}" + ("" if "lambda1" not in settings else
+                                             f" l1={settings['lambda1']:g} l2={settings['lambda2']:g}")
+                acc = evaluate(qmodel, data, batch_size=args.batch_size, device=device, progress=progress, desc=desc)
+                results.append({"method": method, "bits": bits, "lambda1": settings.get("lambda1"),
+                                "lambda2": settings.get("lambda2"), "size_mb": report.size_mb, "top1": acc["top1"],
+                                "top5": acc["top5"], "quantize_seconds": report.seconds})
+                if saved is None or (method == "dfmpc" and saved[0] != "dfmpc"):
+                    saved = (method, qmodel, report, bits)
 
     n = len(data)
     print(f"{args.model} on {dataset_name} ({n} images{'' if args.data_dir is None else ' from ' + str(args.data_dir)})")
@@ -112,7 +126,7 @@ def cmd_quantize(args) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     if args.save and saved is not None:
-        method, qmodel, report = saved
+        method, qmodel, report, bits = saved
         Path(args.save).parent.mkdir(parents=True, exist_ok=True)
         torch.save({"model": args.model, "method": method, "bits": bits, "settings": report.settings,
                     "state_dict": qmodel.state_dict()}, args.save)
@@ -169,10 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--weights", help="local weights file for the model (default: offline copy or download)")
     q.add_argument("--dataset", help="cifar10 | cifar100 | imagenet (default: the model's)")
     q.add_argument("--data-dir", help="image folder or torchvision root (default: $DFMPC_SHARED copy or download)")
-    q.add_argument("--bits", default="2/6", help="LOW/HIGH with 2 <= LOW <= HIGH <= 8; 2 means ternary (default 2/6)")
+    q.add_argument("--bits", default="2/6", help="LOW/HIGH with 2 <= LOW <= HIGH <= 8; 2 means ternary (default 2/6); "
+                   "a comma-separated list sweeps, e.g. 2/6,3/6")
     q.add_argument("--method", default="original,dfmpc", help="method name(s), comma-separated, or 'all' (default original,dfmpc)")
-    q.add_argument("--lambda1", type=float, default=0.5, help="weight of ||Theta||^2 (default 0.5)")
-    q.add_argument("--lambda2", type=float, default=0.0, help="weight of ||c||^2 (default 0)")
+    q.add_argument("--lambda1", default="0.5", help="weight of ||Theta||^2 (default 0.5); a comma-separated list sweeps")
+    q.add_argument("--lambda2", default="0", help="weight of ||c||^2 (default 0); a comma-separated list sweeps")
     q.add_argument("--granularity", choices=("tensor", "channel"), default="tensor", help="scale per tensor (paper) or per output channel")
     q.add_argument("--unpaired", choices=("high", "low", "fp32"), default="high", help="bits of layers outside any pair")
     q.add_argument("--keep-fp32", nargs="*", default=[], help="layers kept in full precision ('first', 'last' or names)")
