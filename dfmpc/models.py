@@ -19,6 +19,8 @@ pass ``--weights PATH``.  ``pretrained=False`` gives a randomly initialised mode
 from __future__ import annotations
 
 import contextlib
+import io
+import sys
 import csv
 import difflib
 import os
@@ -269,8 +271,14 @@ def _hub_dir(root):
 
 
 def _download_or_fail(name, where, fn):
+    # pytorchcv prints every retry to stdout; keep that out of the way and replay it only on success,
+    # so that an offline failure ends in the single line of DfmpcError
+    chatter = io.StringIO()
     try:
-        return fn()
+        with contextlib.redirect_stdout(chatter):
+            result = fn()
+        print(chatter.getvalue(), end="", file=sys.stderr)
+        return result
     except Exception as e:  # offline shows up as URLError, requests' ConnectionError, ...
         cause = str(e).splitlines()[0][:120] if str(e) else ""
         raise DfmpcError(f"cannot download pretrained weights for {name} from {where} ({type(e).__name__}: "

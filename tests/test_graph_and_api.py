@@ -201,3 +201,19 @@ def test_deterministic_run_to_run():
     q1, _ = dfmpc.quantize(model, "2/6")
     q2, _ = dfmpc.quantize(model, "2/6")
     assert all(torch.equal(a, b) for a, b in zip(q1.state_dict().values(), q2.state_dict().values()))
+
+
+def test_fold_equivalence_on_a_pretrained_block_with_real_images(shared):
+    """On a pretrained option-A ResNet-20 and real CIFAR-10 images: c in layer l+1 (Eq. 7) == c in BN_l."""
+    from dfmpc.data import load_dataset
+    from dfmpc.models import load_model
+
+    model, spec = load_model("resnet20_cifar10_a", weights=str(shared / "data/cifar10/weights/he2016_option_a/resnet20-12fca82f.th"))
+    images = torch.stack([load_dataset("cifar10", shared / "data/cifar10/test_jpeg", spec.eval_transform(), limit=16)[i][0]
+                          for i in range(16)])
+    q_next, rep = dfmpc.quantize(model, "2/6", lambda1=0.5, fold="next")
+    q_bn, _ = dfmpc.quantize(model, "2/6", lambda1=0.5, fold="bn")
+    with torch.no_grad():
+        out_next, out_bn = q_next(images), q_bn(images)
+    assert torch.allclose(out_next, out_bn, atol=1e-4 * out_next.abs().max())
+    assert any(abs(lr.c_mean - 1) > 1e-3 for lr in rep.layers if lr.c_mean is not None)  # c is not trivially 1
