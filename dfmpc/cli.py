@@ -94,7 +94,7 @@ def cmd_quantize(args) -> int:
         raise DfmpcError(f"model {args.model} classifies {spec.dataset} images, not {dataset_name}; "
                          f"use --dataset {spec.dataset} or another model")
     data = load_dataset(dataset_name, args.data_dir, transform=spec.eval_transform(), limit=args.limit,
-                        seed=args.seed, cache=True)
+                        seed=args.seed, cache=True, progress=not args.no_progress)
     progress = not args.no_progress
     device = args.device
 

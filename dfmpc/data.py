@@ -56,7 +56,7 @@ def default_data_dir(name: str) -> Path | None:
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, transform=None, limit: int | None = None,
                  seed: int = 0, download: bool = True, cache: bool = False,
-                 synsets: str | os.PathLike | None = None) -> Dataset:
+                 synsets: str | os.PathLike | None = None, progress: bool = True) -> Dataset:
     """Evaluation split of ``name`` ("cifar10", "cifar100", "imagenet") yielding ``(image, label)``.
 
     ``data_dir``: see the module docstring; None -> :func:`default_data_dir`, else (CIFAR only)
@@ -65,7 +65,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, transform
     folders are sorted by class, so the first N would be a few classes only); N >= size -> all.
     ``cache=True``: decode and transform every image once and keep the tensors in memory
     (``transform`` defaults to ``ToTensor`` then).  ``synsets``: ImageNet class list, default
-    ``synset_words.txt`` in ``data_dir`` or its parent.
+    ``synset_words.txt`` in ``data_dir`` or its parent.  ``progress``: show the caching progress bar.
     """
     key = name.strip().lower()
     if key not in DATASETS:
@@ -99,7 +99,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, transform
     if limit is not None and limit < len(dataset):
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
         dataset = Subset(dataset, order[:limit].tolist())
-    return _cache(dataset, key) if cache else dataset
+    return _cache(dataset, key, progress) if cache else dataset
 
 
 def _class_folders(root: Path) -> list[Path]:
@@ -160,12 +160,12 @@ def _imagenet(root: Path, transform, synsets) -> ImageListDataset:
     return ImageListDataset(samples, transform, wnids)
 
 
-def _cache(dataset: Dataset, key: str) -> TensorDataset:
+def _cache(dataset: Dataset, key: str, progress: bool = True) -> TensorDataset:
     """Decode and transform every image once; keep images and labels as two tensors."""
     from tqdm.auto import tqdm
 
     images, labels = [], []
-    for img, label in tqdm(dataset, desc=f"caching {key}", unit="img", leave=False):
+    for img, label in tqdm(dataset, desc=f"caching {key}", unit="img", leave=False, disable=not progress):
         if not isinstance(img, torch.Tensor):
             raise DfmpcError("cache=True needs a transform that returns tensors")
         images.append(img)
