@@ -162,7 +162,7 @@ def _imagenet(root: Path, transform, synsets) -> ImageListDataset:
 
 def _cache(dataset: Dataset, key: str, progress: bool = True) -> TensorDataset:
     """Decode and transform every image once; keep images and labels as two tensors."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # plain text bar: tqdm.auto needs ipywidgets in notebooks
 
     images, labels = [], []
     for img, label in tqdm(dataset, desc=f"caching {key}", unit="img", leave=False, disable=not progress):

@@ -30,7 +30,7 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 256, device: 
 
     Returns ``{"top1": %, "top5": %, "n": images, "seconds": wall time}``.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # plain text bar: tqdm.auto needs ipywidgets in notebooks
 
     if len(dataset) == 0:
         raise DfmpcError("the evaluation data set is empty; check --data-dir and --limit")
