@@ -7,7 +7,7 @@
 from .api import quantize
 from .compensation import BatchNormStats, compensation_objective, solve_compensation
 from .errors import DfmpcError
-from .graph import LayerPair, find_pairs
+from .graph import LayerPair, find_pairs, pairs_from_names
 from .methods import METHODS
 from .plan import parse_bits, plan_layers
 from .quantizers import QuantizedTensor, quantize_weight, ternary_quantize, uniform_quantize
@@ -19,6 +19,6 @@ __all__ = [
     "quantize", "METHODS", "DfmpcError",
     "ternary_quantize", "uniform_quantize", "quantize_weight", "QuantizedTensor",
     "solve_compensation", "compensation_objective", "BatchNormStats",
-    "find_pairs", "LayerPair", "plan_layers", "parse_bits",
+    "find_pairs", "pairs_from_names", "LayerPair", "plan_layers", "parse_bits",
     "fp32_size_mb", "quantized_size_mb",
 ]

@@ -22,7 +22,7 @@ import re
 from torch import nn
 
 from .errors import DfmpcError
-from .graph import LayerPair, find_pairs, trace, weight_layer_names
+from .graph import LayerPair, find_pairs, pairs_from_names, trace, weight_layer_names
 from .quantizers import MAX_BITS, MIN_BITS
 
 UNPAIRED_POLICIES = ("high", "low", "fp32")
@@ -72,7 +72,8 @@ def plan_layers(model: nn.Module, bits="2/6", unpaired: str = "high", keep_fp32=
                 require_pairs: bool = True) -> MixedPrecisionPlan:
     """Assign a role and a bit width to every Conv2d / Linear layer of ``model``.
 
-    ``pairs``: None to find them from the graph, or a list of :class:`LayerPair` given by hand.
+    ``pairs``: None to find them from the graph, or pairs given by hand: :class:`LayerPair` objects or
+    ``(low, high)`` / ``(low, high, bn)`` module names.
     ``require_pairs``: raise when no pair exists (a compensation method needs one; direct
     quantization does not).
     """
@@ -85,6 +86,8 @@ def plan_layers(model: nn.Module, bits="2/6", unpaired: str = "high", keep_fp32=
         pairs = find_pairs(model, gm)
     else:
         names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        by_name = [p for p in pairs if not isinstance(p, LayerPair)]
+        pairs = [p for p in pairs if isinstance(p, LayerPair)] + pairs_from_names(model, by_name)
     if not names:
         raise DfmpcError(f"{type(model).__name__} has no Conv2d or Linear layer; nothing to quantize")
     if isinstance(keep_fp32, str):

@@ -192,8 +192,12 @@ def test_untraceable_model_error_and_explicit_pairs():
     with pytest.raises(DfmpcError, match="pairs"):
         dfmpc.quantize(model, "2/6")
     from dfmpc.graph import pairs_from_names
-    _, rep = dfmpc.quantize(model, "2/6", pairs=pairs_from_names(model, [("a", "b", "bn")]))
+    q1, rep = dfmpc.quantize(model, "2/6", pairs=pairs_from_names(model, [("a", "b", "bn")]))
     assert rep.pairs == [("a", "b")]
+    q2, _ = dfmpc.quantize(model, "2/6", pairs=[("a", "b", "bn")])  # plain names work too
+    assert all(torch.equal(x, y) for x, y in zip(q1.state_dict().values(), q2.state_dict().values()))
+    with pytest.raises(DfmpcError, match="not a Conv2d"):
+        dfmpc.quantize(model, "2/6", pairs=[("a", "nope")])
 
 
 def test_deterministic_run_to_run():
