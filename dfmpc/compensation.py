@@ -136,15 +136,15 @@ def compensation_terms(w_low: torch.Tensor, w_low_q: torch.Tensor, bn: BatchNorm
     r = nonzero.double()
     n = w.shape[0]
     if bn is None:
-        t = torch.zeros(n, dtype=torch.float64)
-        dead = torch.zeros(n, dtype=torch.bool)
+        t = torch.zeros(n, dtype=torch.float64, device=w.device)
+        dead = torch.zeros(n, dtype=torch.bool, device=w.device)
     else:
         if bn.mean.numel() != n:
             raise DfmpcError(f"batch norm has {bn.mean.numel()} channels but the low-bit layer has {n} output channels")
         if not all(torch.isfinite(x).all() for x in (bn.mean, bn.var, bn.weight, bn.bias)):
             raise DfmpcError("batch norm statistics contain NaN or inf; check the model's buffers")
-        t = bn.relative_shift_sq().double()
-        dead = (bn.weight == 0).cpu()
+        t = bn.relative_shift_sq().double().to(w.device)
+        dead = (bn.weight == 0).to(w.device)
     return CompensationTerms(a=a, g=g, r=r, t=t, dead=dead)
 
 
@@ -162,9 +162,9 @@ def compensation_objective(c: torch.Tensor, w_low: torch.Tensor, w_low_q: torch.
                         torch.zeros_like(w))
     j = (gamma**2).sum(dim=1) + lambda2 * c**2
     if bn is not None:
-        theta_sq = (c - 1) ** 2 * bn.relative_shift_sq().double()
+        theta_sq = (c - 1) ** 2 * bn.relative_shift_sq().double().to(c.device)
         j = j + lambda1 * theta_sq
-        j = torch.where((bn.weight == 0).cpu(), (c - 1) ** 2, j)
+        j = torch.where((bn.weight == 0).to(c.device), (c - 1) ** 2, j)
     return j
 
 

@@ -221,3 +221,13 @@ def test_fold_equivalence_on_a_pretrained_block_with_real_images(shared):
         out_next, out_bn = q_next(images), q_bn(images)
     assert torch.allclose(out_next, out_bn, atol=1e-4 * out_next.abs().max())
     assert any(abs(lr.c_mean - 1) > 1e-3 for lr in rep.layers if lr.c_mean is not None)  # c is not trivially 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_quantize_a_model_that_lives_on_the_gpu():
+    model = randomize_bn(get_model("resnet20_cifar10", pretrained=False))
+    q_cpu, _ = dfmpc.quantize(model, "2/6")
+    q_gpu, _ = dfmpc.quantize(model.cuda(), "2/6")
+    for (k, a), b in zip(q_cpu.state_dict().items(), q_gpu.state_dict().values()):
+        assert b.is_cuda and torch.allclose(a, b.cpu(), atol=1e-6), k

@@ -31,8 +31,8 @@ def input_channel_multiplier(layer: nn.Module, c: torch.Tensor) -> torch.Tensor:
         return c.reshape(1, -1).to(w.dtype)
     groups = layer.groups
     out_per_group, in_per_group = w.shape[0] // groups, w.shape[1]
-    group_of_output = torch.arange(w.shape[0]) // out_per_group
-    index = group_of_output[:, None] * in_per_group + torch.arange(in_per_group)[None, :]
+    group_of_output = torch.arange(w.shape[0], device=c.device) // out_per_group
+    index = group_of_output[:, None] * in_per_group + torch.arange(in_per_group, device=c.device)[None, :]
     return c.to(w.dtype)[index].reshape(w.shape[0], in_per_group, *([1] * (w.dim() - 2)))
 
 
