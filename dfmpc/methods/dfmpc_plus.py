@@ -1,0 +1,333 @@
+r"""dfmpc+: DF-MPC with the output statistics that BatchNorm expects (our data-free improvement).
+
+Uses nothing but the pretrained model: its weights and the BatchNorm running statistics. The book
+chapter "Beyond the paper: dfmpc+" derives every step and checks it numerically; in short, for
+every quantized layer with full-precision weight W (output channel o: filter W_o) and input x:
+
+0. **Input moments from BN** (:mod:`dfmpc.bn_stats`): the mean mu_i and variance v_i of every input
+   channel i of the layer, from the BN statistics upstream through Gaussian ReLU moments.
+1. **Codes** that maximise the cosine between the quantized and the full-precision filter in the
+   metric of the input variances, <q, W_o>_v / (|q|_v |W_o|_v) with <a, b>_v = sum_{i,k} v_i a_{i,k} b_{i,k}:
+   exactly for ternary weights (the optimal threshold per channel, not 0.7 E|w|), on a grid of
+   clipping scales for k-bit weights (:mod:`dfmpc.methods.omse`). The cosine is what is left of the
+   error once the channel's gain is corrected (step 2), so it is the quantity to maximise.
+2. **Unbiased per-channel compensation** c_o. With X_o = W_o (*) x and X^_o = W^_o (*) x, the
+   regression of X^_o on X_o has slope a_o = <W^_o, W_o>_v / |W_o|_v^2 (inputs independent, variances
+   v_i): X^_o = a_o X_o + N_o, N_o uncorrelated with X_o. DF-MPC's least-squares c = a/(a^2 + r)
+   (r: noise-to-signal ratio) shrinks every channel; the next layer adds many channels whose
+   signals are correlated (which the next BN's variance shows), so the shrinkage adds up coherently
+   while the noise does not. We use c_o = 1 / a_o: the compensated channel is the full-precision one
+   plus noise, with no shrinkage. ``gain="least-squares"`` and ``gain="variance"`` (c = |W|_v / |W^|_v)
+   are kept for comparison.
+3. **Mean correction**: E[X^_o - X_o] = sum_{i,k} (c_o W^_o - W_o)_{i,k} mu_i is what the BN after the
+   layer would otherwise add to its fixed running mean (the inputs are post-ReLU, mu_i > 0).
+
+Where a BatchNorm directly follows the layer, steps 2 and 3 are folded into it at no storage cost:
+gamma_o <- gamma_o c_o and running_mean_o <- running_mean_o + E[X^_o - X_o] (c scales only the centred
+output; the BN shift beta_o, which the paper's Theta term protects, is untouched). Elsewhere (a
+classifier) the row of the weight is multiplied by c_o (a per-channel scale) and the bias corrected.
+
+With ``granularity="channel"`` (default) every channel has its own scale; ``"tensor"`` keeps one
+scale per tensor for the codes, and c still lives in the BN (or, without a BN, is stored as a
+32-bit compensation vector like DF-MPC's).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..bn_stats import _per_input_channel, expected_output_shift, following_batch_norms, input_moments
+from ..errors import DfmpcError
+from ..graph import trace
+from ..quantizers import quantize_weight
+from .base import QuantizationMethod
+from .dfq import correct_bias
+from .omse import mse_optimal_quantize, mse_optimal_ternary
+
+__all__ = ["DFMPCPlus", "GAINS", "channel_gain", "compensation_from_gain", "coupled_objective", "coupled_gain",
+           "fit_kernel_correlation", "correlated_cosine", "correlated_ternary"]
+
+GAINS = ("unbiased", "least-squares", "variance", "none")
+
+
+def channel_gain(w: torch.Tensor, w_q: torch.Tensor, variances: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per output channel: regression slope a = <W^, W>_v / |W|_v^2 and energies |W|_v^2, |W^|_v^2 (float64).
+
+    ``variances``: the input variance v_i broadcast to the weight's shape.
+    """
+    v = variances.double()
+    w, w_q = w.double().reshape(w.shape[0], -1), w_q.double().reshape(w.shape[0], -1)
+    v = torch.broadcast_to(v, (w.shape[0],) + tuple(variances.shape[1:])).reshape(w.shape[0], -1)
+    e_fp, e_q, cross = (v * w * w).sum(dim=1), (v * w_q * w_q).sum(dim=1), (v * w * w_q).sum(dim=1)
+    safe = torch.where(e_fp > 0, e_fp, torch.ones_like(e_fp))
+    slope = torch.where(e_fp > 0, cross / safe, torch.ones_like(e_fp))
+    return {"slope": slope, "energy_fp": e_fp, "energy_q": e_q, "cross": cross}
+
+
+def compensation_from_gain(stats: dict[str, torch.Tensor], gain: str = "unbiased") -> torch.Tensor:
+    """The per-channel compensation c for ``gain`` (module docstring, step 2); 1 where it is undefined."""
+    if gain not in GAINS:
+        raise DfmpcError(f"unknown gain {gain!r}; use one of {', '.join(GAINS)}")
+    a, e_fp, e_q, cross = stats["slope"], stats["energy_fp"], stats["energy_q"], stats["cross"]
+    one = torch.ones_like(a)
+    if gain == "unbiased":
+        c = torch.where(a > 1e-6, 1 / torch.where(a > 1e-6, a, one), one)
+    elif gain == "least-squares":
+        c = torch.where((e_q > 0) & (cross > 0), cross / torch.where(e_q > 0, e_q, one), one)
+    elif gain == "variance":
+        c = torch.where((e_q > 0) & (cross > 0), torch.sqrt(e_fp / torch.where(e_q > 0, e_q, one)), one)
+    else:
+        c = one
+    return c
+
+
+def coupled_objective(c: torch.Tensor, slope: torch.Tensor, noise: torch.Tensor, w_next: torch.Tensor,
+                      rho: float) -> torch.Tensor:
+    r"""J(c) = sum_t E[(sum_j w_tj (c_j x^_j - x_j))^2] for x^_j = a_j x_j + n_j (module docstring, step 2).
+
+    x: unit-variance channels with common correlation ``rho``; n_j independent noise of variance r_j
+    (``noise``); a_j = ``slope``; ``w_next`` (T, C): how the next layer mixes the channels.
+    """
+    u = c * slope - 1
+    d = (w_next**2).sum(dim=0)
+    g = w_next.T @ w_next
+    return (1 - rho) * (d * u * u).sum() + rho * u @ g @ u + (d * c * c * noise).sum()
+
+
+def coupled_gain(slope: torch.Tensor, noise: torch.Tensor, w_next: torch.Tensor, rho: float) -> torch.Tensor:
+    r"""The minimiser of :func:`coupled_objective` in closed form.
+
+    With u = c a - 1, D_j = sum_t w_tj^2, G = w_next^T w_next and H = (1 - rho) diag(D) + rho G, setting
+    the gradient to zero gives (diag(a^2) H + diag(D r)) u = -D r, and c = (1 + u) / a. For rho = 0 this
+    is DF-MPC's least-squares c_j = a_j / (a_j^2 + r_j) for every channel on its own; the more the next
+    layer adds the channels coherently (rho G large against D r), the closer c comes to 1 / a.
+    """
+    a, r = slope.double(), noise.double()
+    w = w_next.double()
+    d = (w**2).sum(dim=0)
+    # a channel the next layer does not read (D_j = 0) does not enter J: it keeps c = 1 / a
+    live = d > d.max() * 1e-12
+    u = torch.zeros_like(a)
+    if live.any():
+        wl, dl, al, rl = w[:, live], d[live], a[live], r[live]
+        h = (1 - rho) * torch.diag(dl) + rho * (wl.T @ wl)
+        u[live] = torch.linalg.lstsq(torch.diag(al * al) @ h + torch.diag(dl * rl), -(dl * rl)[:, None]).solution[:, 0]
+    return (1 + u) / a
+
+
+def _block_variances(layer: nn.Module, var_in: torch.Tensor) -> torch.Tensor:
+    """v of the input channel read by slot i of output channel o, shape (O, I/groups) (float64)."""
+    w = layer.weight
+    return _per_input_channel(layer, var_in.double()).reshape(w.shape[0], -1)
+
+
+def fit_kernel_correlation(layer: nn.Module, var_in: torch.Tensor, bn_var: torch.Tensor, max_rho: float = 0.9) -> float:
+    r"""Data-free estimate of the correlation rho between the taps of one input channel under a kernel.
+
+    Model: the input pixels of one channel seen by a kernel have variance v_i and a common correlation rho,
+    different channels are uncorrelated up to a common factor. Then the output variance is
+
+        Var[X_o] = a D_o + b S_o,   D_o = sum_i v_i |W_{o,i}|^2,   S_o = sum_i v_i (sum_k W_{o,i,k})^2,
+
+    with a = 1 - rho and b = rho for uncorrelated channels. The BN after the layer records Var[X_o] for every
+    channel o; a least-squares fit of (a, b) over the channels gives rho = b / (a + b) (a absorbs what the
+    channels' correlations add), clipped to [0, max_rho].
+    """
+    w = layer.weight.detach().double()
+    if w.dim() < 3 or w[0, 0].numel() == 1:
+        return 0.0
+    v = _block_variances(layer, var_in)
+    d = (w.pow(2).reshape(w.shape[0], w.shape[1], -1).sum(dim=2) * v).sum(dim=1)
+    s = (w.reshape(w.shape[0], w.shape[1], -1).sum(dim=2).pow(2) * v).sum(dim=1)
+    design = torch.stack([d, s], dim=1)
+    if torch.linalg.matrix_rank(design) < 2:
+        return 0.0
+    a, b = torch.linalg.lstsq(design, bn_var.double()[:, None]).solution[:, 0].tolist()
+    if b <= 0:
+        return 0.0
+    if a <= 0:
+        return max_rho
+    return float(min(b / (a + b), max_rho))
+
+
+def correlated_cosine(w: torch.Tensor, w_q: torch.Tensor, rho: float, variances: torch.Tensor | None = None) -> torch.Tensor:
+    """Per output channel: <w_q, w>_M / (|w_q|_M |w|_M) in the metric
+    <a, b>_M = sum_i v_i [(1 - rho) sum_k a_ik b_ik + rho (sum_k a_ik)(sum_k b_ik)]."""
+    o, i = w.shape[0], w.shape[1]
+    a, b = w.double().reshape(o, i, -1), w_q.double().reshape(o, i, -1)
+    v = torch.ones(o, i, dtype=torch.float64) if variances is None else variances.double().reshape(o, i)
+
+    def inner(x, y):
+        return (v * ((1 - rho) * (x * y).sum(dim=2) + rho * x.sum(dim=2) * y.sum(dim=2))).sum(dim=1)
+
+    den = torch.sqrt(inner(a, a) * inner(b, b))
+    return torch.where(den > 0, inner(a, b) / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(den))
+
+
+def _best_block_codes(w: torch.Tensor, alpha: torch.Tensor, rho: float) -> torch.Tensor:
+    """For every (o, i) block of K weights: codes q in {-1, 0, 1}^K minimising
+    (1 - rho) sum_k (w_k - alpha q_k)^2 + rho (sum_k w_k - alpha sum_k q_k)^2, exactly.
+
+    For a fixed code sum the first term is separable and convex in every q_k, so the best codes for the
+    sum -K + j take the j cheapest of the 2K unit steps (-1 -> 0 and 0 -> +1 of every entry; convexity puts
+    an entry's first step before its second). All sums are tried at once after one sort.
+    """
+    o, i, k = w.shape
+    a = alpha[:, None, None]
+    cost = [(1 - rho) * (w - a * q) ** 2 for q in (-1.0, 0.0, 1.0)]
+    steps = torch.cat([cost[1] - cost[0], cost[2] - cost[1]], dim=2)  # (O, I, 2K)
+    order = torch.argsort(steps, dim=2, stable=True)
+    cum = torch.cat([torch.zeros(o, i, 1, dtype=w.dtype), torch.cumsum(steps.gather(2, order), dim=2)], dim=2)
+    sums = torch.arange(2 * k + 1, dtype=w.dtype) - k  # code sum for j = 0 .. 2K steps taken
+    total = cost[0].sum(dim=2, keepdim=True) + cum + rho * (w.sum(dim=2, keepdim=True) - a * sums) ** 2
+    j = total.argmin(dim=2, keepdim=True)
+    taken = torch.arange(2 * k)[None, None, :] < j  # the first j steps in sorted order are taken
+    count = torch.zeros(o, i, 2 * k, dtype=w.dtype).scatter(2, order, taken.to(w.dtype))
+    return -1 + count[:, :, :k] + count[:, :, k:]
+
+
+def correlated_ternary(w: torch.Tensor, rho: float, variances: torch.Tensor | None = None, iterations: int = 30,
+                       restarts=(1.0, 0.7, 1.4)):
+    r"""Ternary codes (one scale per output channel) that maximise :func:`correlated_cosine`.
+
+    rho = 0 is the exact per-channel optimum of :func:`dfmpc.methods.omse.mse_optimal_ternary`, the start.
+    For rho > 0 the error of the kernel sums counts too (smooth inputs see mostly the sum of a kernel).
+    Maximising the cosine is minimising E(alpha, q) = |w - alpha q|_M^2 over alpha and q, which we do by
+    alternating two exact steps, each of which cannot increase E: the best codes of every (channel, input
+    channel) block for the current alpha (:func:`_best_block_codes`; the blocks are independent because
+    the metric has no terms across input channels), and the least-squares alpha = <q, w>_M / |q|_M^2 for
+    the codes; until the codes stop changing (``iterations`` at most). The alternation ends in a local
+    optimum, so it is started from the rho = 0 scale times each of ``restarts`` and the channel keeps the
+    codes with the largest cosine (never below that of the start).
+    """
+    from ..quantizers import QuantizedTensor
+
+    if not 0 <= rho < 1:
+        raise DfmpcError(f"rho must be in [0, 1), got {rho}")
+    o, i = w.shape[0], w.shape[1]
+    wd = w.detach().double().reshape(o, i, -1)
+    k = wd.shape[2]
+    v = torch.ones(o, i, dtype=torch.float64) if variances is None else variances.double().reshape(o, i)
+    start = mse_optimal_ternary(w, "channel", None if variances is None else
+                                v[:, :, None].expand(o, i, k).reshape(w.shape))
+    q = start.codes.double().reshape(o, i, k)
+
+    def inner(x, y):
+        return (v * ((1 - rho) * (x * y).sum(dim=2) + rho * x.sum(dim=2) * y.sum(dim=2))).sum(dim=1)
+
+    def ls_scale(codes):
+        n = inner(codes, codes)
+        return torch.where(n > 0, inner(codes, wd) / torch.where(n > 0, n, torch.ones_like(n)), torch.zeros_like(n))
+
+    alpha = ls_scale(q)
+    if rho > 0 and k > 1:
+        best_q, best_cos = q, inner(q, wd) ** 2 / inner(q, q).clamp(min=1e-300)
+        for restart in restarts:  # the alternation finds a local optimum; a few starting scales, keep the best
+            q_r, alpha_r = q, alpha * restart
+            for _ in range(iterations):
+                live = alpha_r > 0  # an all-zero channel stays all zero
+                new = torch.where(live[:, None, None], _best_block_codes(wd, alpha_r, rho), q_r)
+                if torch.equal(new, q_r) and restart == 1.0:
+                    break
+                q_r = new
+                new_alpha = ls_scale(q_r)
+                if torch.equal(new_alpha, alpha_r):
+                    break
+                alpha_r = new_alpha
+            cos = torch.where(inner(q_r, wd) > 0, inner(q_r, wd) ** 2 / inner(q_r, q_r).clamp(min=1e-300),
+                              torch.zeros_like(alpha))
+            better = cos > best_cos * (1 + 1e-12)
+            best_q, best_cos = torch.where(better[:, None, None], q_r, best_q), torch.where(better, cos, best_cos)
+        q = best_q
+        alpha = ls_scale(q)
+    alpha = alpha.clamp(min=0)
+    return QuantizedTensor(codes=q.reshape(w.shape).to(torch.int8), scale=alpha.to(w.dtype), bits=2, granularity="channel")
+
+
+class DFMPCPlus(QuantizationMethod):
+    name = "dfmpc+"
+    description = ("ours, data-free: BN-weighted optimal codes, unbiased per-channel compensation and "
+                   "mean correction from BN statistics, folded into the BNs")
+
+    def __init__(self, bits="2/6", granularity: str = "channel", gain: str = "unbiased", mean_correction: bool = True,
+                 weighting: str = "none", correlation="fit", clipping: str = "optimal", **kwargs):
+        super().__init__(bits, granularity=granularity, **kwargs)
+        if gain not in GAINS:
+            raise DfmpcError(f"unknown gain {gain!r}; use one of {', '.join(GAINS)}")
+        if weighting not in ("variance", "none"):
+            raise DfmpcError(f"unknown weighting {weighting!r}; use 'variance' or 'none'")
+        if correlation != "fit" and not (isinstance(correlation, (int, float)) and not isinstance(correlation, bool)
+                                         and 0 <= correlation < 1):
+            raise DfmpcError(f"correlation must be 'fit' or a number in [0, 1), got {correlation!r}")
+        if clipping not in ("optimal", "none"):
+            raise DfmpcError(f"unknown clipping {clipping!r}; use 'optimal' or 'none'")
+        self.gain, self.mean_correction, self.weighting, self.correlation = gain, bool(mean_correction), weighting, correlation
+        self.clipping = clipping
+        self._moments, self._bn, self._modules, self._stored, self._rho = {}, {}, {}, {}, {}
+
+    def settings(self) -> dict:
+        return {**super().settings(), "gain": self.gain, "mean_correction": self.mean_correction,
+                "weighting": self.weighting, "correlation": self.correlation, "clipping": self.clipping}
+
+    def prepare(self, model, plan):
+        self._moments = input_moments(model)
+        self._bn = following_batch_norms(model, trace(model))
+        self._modules = dict(model.named_modules())
+        self._stored, self._rho = {}, {}
+        for a in plan.layers:
+            layer = self._modules[a.name]
+            if a.bits != 2 or self.granularity != "channel" or not isinstance(layer, nn.Conv2d) or layer.weight[0, 0].numel() == 1:
+                continue
+            if self.correlation == "fit":
+                bn = self._modules[self._bn[a.name]] if a.name in self._bn else None
+                self._rho[a.name] = 0.0 if bn is None else fit_kernel_correlation(layer, self._moments[a.name].var,
+                                                                                  bn.running_var)
+            else:
+                self._rho[a.name] = float(self.correlation)
+
+    def _variances(self, name: str) -> torch.Tensor:
+        layer = self._modules[name]
+        if self.weighting == "none":
+            return torch.ones_like(layer.weight, dtype=torch.float64)
+        return torch.broadcast_to(_per_input_channel(layer, self._moments[name].var.double()), layer.weight.shape)
+
+    def quantize_layer(self, name, weight, bits):
+        rho = self._rho.get(name, 0.0)
+        if rho > 0:
+            v = None if self.weighting == "none" else _block_variances(self._modules[name], self._moments[name].var)
+            return correlated_ternary(weight, rho, v)
+        if bits > 2 and self.clipping == "none":
+            return quantize_weight(weight, bits, self.granularity)
+        return mse_optimal_quantize(weight, bits, self.granularity, self._variances(name), criterion="cosine")
+
+    def compensation_storage(self, compensation):
+        return dict(self._stored)
+
+    def adjust(self, model, plan, fp_weights, quantized):
+        modules = dict(model.named_modules())
+        compensation = {}
+        for name, q in quantized.items():
+            layer, w = modules[name], fp_weights[name]
+            w_q = q.dequantize()
+            c = compensation_from_gain(channel_gain(w, w_q, self._variances(name)), self.gain)
+            shape = (-1,) + (1,) * (w.dim() - 1)
+            shift = (expected_output_shift(layer, c.reshape(shape) * w_q.double() - w.double(), self._moments[name])
+                     if self.mean_correction else torch.zeros_like(c))
+            bn_name = self._bn.get(name)
+            if bn_name is not None:
+                bn = modules[bn_name]
+                # We want BN_fp(c X^ - shift) = gamma c (X^ - (mu + shift) / c) / sqrt(var + eps) + beta.
+                bn.running_mean.copy_(((bn.running_mean.double() + shift) / c).to(bn.running_mean.dtype))
+                if bn.weight is not None:
+                    bn.weight.mul_(c.to(bn.weight.dtype))
+                else:
+                    bn.running_var.copy_(((bn.running_var.double() + bn.eps) / c**2 - bn.eps).clamp(min=0)
+                                         .to(bn.running_var.dtype))
+            else:
+                layer.weight.mul_(c.reshape(shape).to(layer.weight.dtype))
+                if self.mean_correction:
+                    correct_bias(layer, shift)
+                if self.granularity == "tensor" and self.gain != "none":
+                    self._stored[name] = c.numel()
+            compensation[name] = c.to(w.dtype)
+        return compensation

@@ -1,0 +1,367 @@
+"""The data-free baselines (per-channel, DFQ, OMSE), the BN moment propagation they share, and the
+properties every method must have (input model untouched, deterministic, selectable by name)."""
+import copy
+import itertools
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import dfmpc
+from dfmpc.bn_stats import clip_moments, expected_output_shift, following_batch_norms, input_moments, relu_moments
+from dfmpc.cli import main
+from dfmpc.errors import DfmpcError
+from dfmpc.methods import METHODS
+from dfmpc.methods.dfq import DataFreeQuantization, equalize_pair, fold_batch_norm, input_channel_absmax
+from dfmpc.methods.omse import (OptimalClipping, mse_optimal_ternary, mse_optimal_uniform,
+                                weighted_quantization_error)
+from dfmpc.methods.per_channel import PerChannelQuantization
+from dfmpc.plan import plan_layers
+from dfmpc.quantizers import quantize_weight
+
+EXPECTED = ["original", "per-channel", "dfq", "omse", "dfmpc", "dfmpc+"]
+
+
+def _bn(c, seed):
+    g = torch.Generator().manual_seed(seed)
+    bn = nn.BatchNorm2d(c)
+    bn.running_mean.copy_(torch.randn(c, generator=g))
+    bn.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+    bn.weight.data.copy_(torch.rand(c, generator=g) + 0.5)
+    bn.bias.data.copy_(torch.randn(c, generator=g) * 0.5)
+    return bn
+
+
+class Net(nn.Module):
+    """conv -> BN -> ReLU -> conv -> BN -> ReLU -> (+ skip) -> conv -> BN -> ReLU -> pool -> linear."""
+
+    def __init__(self, seed=0, c=8):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv0 = nn.Conv2d(3, c, 3, padding=1, bias=False)
+        self.bn0 = _bn(c, seed + 1)
+        self.relu0 = nn.ReLU()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = _bn(c, seed + 2)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = _bn(c, seed + 3)
+        self.relu2 = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c, 5)
+
+    def forward(self, x):
+        x = self.relu0(self.bn0(self.conv0(x)))
+        y = self.relu1(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return self.fc(torch.flatten(self.pool(self.relu2(y + x)), 1))
+
+
+# --------------------------------------------------------------------------- registry, API, CLI
+
+def test_registry_lists_every_method_with_a_one_line_description(capsys):
+    assert list(METHODS) == EXPECTED
+    for name, cls in METHODS.items():
+        assert cls.name == name and cls.description and "\n" not in cls.description
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in out] == EXPECTED
+
+
+@pytest.mark.parametrize("method", EXPECTED)
+def test_every_method_leaves_the_input_model_alone_and_is_deterministic(method):
+    model = Net().eval()
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(4, 3, 8, 8)
+    q1, r1 = dfmpc.quantize(model, bits="2/6", method=method)
+    q2, r2 = dfmpc.quantize(model, bits="2/6", method=method)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert all(isinstance(m, type(n)) for m, n in zip(model.modules(), Net().modules()))  # no BN replaced
+    assert r1.method == method and r1.bits == "2/6"
+    with torch.no_grad():
+        assert torch.equal(q1(x), q2(x))
+        assert not torch.equal(q1(x), model(x))  # it did quantize
+
+
+def test_per_channel_is_the_paper_quantizer_with_channel_scales():
+    model = Net().eval()
+    q, report = dfmpc.quantize(model, bits="2/6", method="per-channel")
+    assert report.settings["granularity"] == "channel"
+    bits = plan_layers(model, "2/6").bits_by_layer()
+    qm = dict(q.named_modules())
+    for name, m in model.named_modules():
+        if name in bits:
+            expected = quantize_weight(m.weight.detach(), bits[name], "channel").dequantize()
+            assert torch.equal(qm[name].weight, expected)
+    with pytest.raises(DfmpcError, match="original"):
+        PerChannelQuantization("2/6", granularity="tensor")
+
+
+def test_cli_granularity_defaults_to_each_methods_own():
+    from dfmpc.cli import build_parser, method_settings
+
+    args = build_parser().parse_args(["quantize", "--model", "resnet20_cifar10_a"])
+    assert all("granularity" not in s for s in method_settings("per-channel", args))
+    args = build_parser().parse_args(["quantize", "--model", "resnet20_cifar10_a", "--granularity", "channel"])
+    assert all(s["granularity"] == "channel" for s in method_settings("dfmpc", args))
+
+
+def test_compare_rejects_bad_images(capsys):
+    assert main(["compare", "--images", "zero"]) == 2
+    assert "--images" in capsys.readouterr().err
+    assert main(["compare", "--method", "nope"]) == 2
+    assert "unknown method" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- BN moments
+
+@pytest.mark.parametrize("m,v", [(0.3, 1.0), (-1.0, 0.5), (2.0, 4.0), (0.0, 1e-3)])
+def test_relu_and_clip_moments_match_monte_carlo(m, v):
+    g = torch.Generator().manual_seed(1)
+    z = m + v**0.5 * torch.randn(2_000_000, generator=g, dtype=torch.float64)
+    mean, var = relu_moments(torch.tensor([m]), torch.tensor([v]))
+    assert mean.item() == pytest.approx(z.clamp(min=0).mean().item(), abs=3e-3)
+    assert var.item() == pytest.approx(z.clamp(min=0).var().item(), rel=1e-2, abs=1e-4)
+    mean, var = clip_moments(torch.tensor([m]), torch.tensor([v]), 0.0, 1.5)
+    assert mean.item() == pytest.approx(z.clamp(0, 1.5).mean().item(), abs=3e-3)
+    assert var.item() == pytest.approx(z.clamp(0, 1.5).var().item(), rel=1e-2, abs=1e-4)
+
+
+def test_relu_moments_of_a_constant():
+    mean, var = relu_moments(torch.tensor([-1.0, 2.0]), torch.zeros(2))
+    assert mean.tolist() == [0.0, 2.0] and var.tolist() == [0.0, 0.0]
+
+
+def _gaussian_bn_net(seed=0):
+    """BN -> ReLU -> conv (no padding) whose BN statistics are exact for Gaussian inputs N(mu, var)."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 3, bias=False)).eval()
+    net[0].running_mean.copy_(torch.randn(6))
+    net[0].running_var.copy_(torch.rand(6) + 0.5)
+    net[0].weight.data.copy_(torch.rand(6) + 0.5)
+    net[0].bias.data.copy_(torch.randn(6))
+    return net
+
+
+def _samples(net, n=20000, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    bn = net[0]
+    return bn.running_mean[None, :, None, None] + bn.running_var.sqrt()[None, :, None, None] * torch.randn(
+        n, 6, 3, 3, generator=g)
+
+
+def test_input_moments_match_monte_carlo_after_bn_relu():
+    net = _gaussian_bn_net()
+    moments = input_moments(net)["2"]
+    with torch.no_grad():
+        a = net[1](net[0](_samples(net)))
+    assert torch.allclose(moments.mean.float(), a.mean(dim=(0, 2, 3)), atol=0.02)
+    assert torch.allclose(moments.var.float(), a.var(dim=(0, 2, 3)), rtol=0.05, atol=0.01)
+
+
+def test_input_moments_through_a_residual_sum_and_pooling():
+    model = Net().eval()
+    moments = input_moments(model)
+    relu0 = relu_moments(model.bn0.bias.double(), model.bn0.weight.double()**2 * model.bn0.running_var.double()
+                         / (model.bn0.running_var.double() + model.bn0.eps))
+    assert torch.allclose(moments["conv1"].mean, relu0[0])
+    bn2_var = model.bn2.weight.double()**2 * model.bn2.running_var.double() / (model.bn2.running_var.double() + model.bn2.eps)
+    expect = relu_moments(model.bn2.bias.double() + relu0[0], bn2_var + relu0[1])
+    assert torch.allclose(moments["fc"].mean, expect[0])  # pooling keeps the mean
+    assert moments["conv0"].mean.abs().max() == 0 and torch.all(moments["conv0"].var == 1)
+    assert following_batch_norms(model) == {"conv0": "bn0", "conv1": "bn1", "conv2": "bn2"}
+
+
+# --------------------------------------------------------------------------- DFQ
+
+def _pair_net(seed=0, bn=True):
+    torch.manual_seed(seed)
+    layers = [nn.Conv2d(4, 6, 3, padding=1, bias=not bn)]
+    if bn:
+        layers.append(_bn(6, seed))
+    layers += [nn.ReLU(), nn.Conv2d(6, 5, 3, padding=1)]
+    return nn.Sequential(*layers).eval()
+
+
+@pytest.mark.parametrize("bn", [True, False])
+def test_equalization_keeps_the_network_output_and_equalizes_the_ranges(bn):
+    net = _pair_net(bn=bn)
+    net[-1].weight.data[:, 2] *= 50  # very uneven ranges
+    x = torch.randn(3, 4, 6, 6)
+    with torch.no_grad():
+        y = net(x)
+        s = equalize_pair(net[0], net[1] if bn else None, net[-1])
+        assert torch.allclose(net(x), y, atol=1e-5, rtol=1e-5)
+    assert (s != 1).any()
+    w1 = net[0].weight.detach()
+    if bn:
+        w1 = w1 * (net[1].weight / torch.sqrt(net[1].running_var + net[1].eps)).detach()[:, None, None, None]
+    r1 = w1.abs().reshape(6, -1).amax(dim=1)
+    assert torch.allclose(r1, input_channel_absmax(net[-1]), rtol=1e-5)
+
+
+def test_input_channel_absmax_of_a_depthwise_conv():
+    conv = nn.Conv2d(4, 4, 3, groups=4)
+    assert torch.equal(input_channel_absmax(conv), conv.weight.detach().abs().reshape(4, -1).amax(dim=1))
+
+
+def test_batch_norm_folding_keeps_the_output():
+    net = _pair_net()
+    x = torch.randn(3, 4, 6, 6)
+    with torch.no_grad():
+        y = net(x)
+        fold_batch_norm(net, "0", "1")
+        assert isinstance(net[1], nn.Identity) and net[0].bias is not None
+        assert torch.allclose(net(x), y, atol=1e-5)
+
+
+def test_dfq_prepare_keeps_the_full_precision_output():
+    model = Net().eval()
+    x = torch.randn(4, 3, 8, 8)
+    method = DataFreeQuantization("2/6")
+    copy_ = copy.deepcopy(model)
+    with torch.no_grad():
+        method.prepare(copy_, plan_layers(copy_, "2/6"))
+        assert torch.allclose(copy_(x), model(x), atol=1e-4)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in copy_.modules())
+
+
+def test_dfq_bias_correction_removes_the_expected_output_shift():
+    """Monte Carlo: inputs drawn from the Gaussian that the BN statistics describe."""
+    net = _gaussian_bn_net()
+    x = _samples(net)
+    with torch.no_grad():
+        a = net[1](net[0](x))
+        w = net[2].weight.detach().clone()
+        wq = quantize_weight(w, 2, "tensor").dequantize()
+        fp = nn.functional.conv2d(a, w).mean(dim=(0, 2, 3))
+        raw = nn.functional.conv2d(a, wq).mean(dim=(0, 2, 3))
+        shift = expected_output_shift(net[2], wq - w, input_moments(net)["2"])
+    assert (raw - fp).abs().max() > 0.1  # quantization moved the mean
+    assert torch.allclose((raw - shift.float()), fp, atol=0.03)  # the correction puts it back
+    qmodel, _ = dfmpc.quantize(net, bits="2/2", method="dfq", pairs=[])
+    with torch.no_grad():
+        corrected = qmodel(x).mean(dim=(0, 2, 3))
+    assert torch.allclose(corrected, fp, atol=0.05)
+
+
+def test_dfq_relu6_is_kept_by_default_and_replaced_on_request():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=False), _bn(6, 0), nn.ReLU6(),
+                        nn.Conv2d(6, 4, 3, padding=1)).eval()
+    x = torch.randn(2, 3, 6, 6)
+    keep = copy.deepcopy(net)
+    with torch.no_grad():
+        DataFreeQuantization("2/6").prepare(keep, plan_layers(keep, "2/6"))
+        assert isinstance(keep[2], nn.ReLU6) and torch.allclose(keep(x), net(x), atol=1e-5)
+        relu = copy.deepcopy(net)
+        DataFreeQuantization("2/6", relu6="relu").prepare(relu, plan_layers(relu, "2/6"))
+    assert isinstance(relu[2], nn.ReLU)
+    assert (relu[3].weight != keep[3].weight).any()  # the pair was equalized only after the replacement
+    with pytest.raises(DfmpcError):
+        DataFreeQuantization("2/6", relu6="nope")
+
+
+def test_dfq_settings_are_reported():
+    _, report = dfmpc.quantize(Net().eval(), "3/6", method="dfq", equalize=False)
+    assert report.settings["equalize"] is False and report.settings["bias_correction"] is True
+
+
+# --------------------------------------------------------------------------- OMSE
+
+def _brute_force_ternary(w, v):
+    best = None
+    for codes in itertools.product((-1.0, 0.0, 1.0), repeat=w.numel()):
+        q = torch.tensor(codes, dtype=torch.float64)
+        den = (v * q * q).sum()
+        alpha = (v * q * w).sum() / den if den > 0 else torch.tensor(0.0, dtype=torch.float64)
+        err = (v * (w - alpha * q) ** 2).sum()
+        best = err if best is None else min(best, err)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("weighted", [False, True])
+def test_ternary_is_the_exact_mse_optimum(seed, weighted):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(2, 7, generator=g, dtype=torch.float64)
+    v = torch.rand(2, 7, generator=g, dtype=torch.float64) + 0.1 if weighted else torch.ones(2, 7, dtype=torch.float64)
+    q = mse_optimal_ternary(w, "channel", v)
+    ours = weighted_quantization_error(w, q, v)
+    for o in range(2):
+        assert ours[o].item() == pytest.approx(_brute_force_ternary(w[o], v[o]).item(), rel=1e-9, abs=1e-12)
+    # never worse than the paper's 0.7 E|w| rule
+    paper = weighted_quantization_error(w, quantize_weight(w, 2, "channel"), v)
+    assert torch.all(ours <= paper + 1e-12)
+
+
+def test_ternary_of_an_all_zero_channel():
+    w = torch.zeros(2, 5)
+    w[1] = torch.tensor([1.0, -2.0, 0.1, 0.0, 3.0])
+    q = mse_optimal_ternary(w, "channel")
+    assert q.scale[0] == 0 and torch.all(q.codes[0] == 0)
+    assert torch.isfinite(q.dequantize()).all()
+
+
+@pytest.mark.parametrize("bits", [3, 4, 6])
+def test_uniform_clipping_beats_a_fine_brute_force_grid(bits):
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(3, 200, generator=g, dtype=torch.float64) * torch.tensor([[0.1], [1.0], [5.0]], dtype=torch.float64)
+    w[1, 0] = 12.0  # an outlier makes clipping worthwhile
+    q = mse_optimal_uniform(w, bits, "channel")
+    ours = weighted_quantization_error(w, q)
+    n = 2**bits - 1
+    for o in range(3):
+        top = w[o].abs().max()
+        scales = top * torch.linspace(0.02, 1.0, 4000, dtype=torch.float64)
+        codes = torch.round(n * (w[o][None] / (2 * scales[:, None]) + 0.5)).clamp(0, n)
+        errs = ((w[o][None] - scales[:, None] * (2 * codes / n - 1)) ** 2).sum(dim=1)
+        assert ours[o] <= errs.min() * (1 + 2e-3)
+        assert ours[o] <= errs[-1] + 1e-12  # never worse than no clipping (the paper's max|w|)
+
+
+def test_cosine_criterion_is_at_least_as_aligned_as_mse():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(8, 50, generator=g, dtype=torch.float64)
+
+    def cosine(q):
+        d = q.dequantize()
+        return (d * w).sum(1) / (d.norm(dim=1) * w.norm(dim=1))
+
+    a = cosine(mse_optimal_uniform(w, 3, "channel", criterion="cosine"))
+    b = cosine(mse_optimal_uniform(w, 3, "channel", criterion="mse"))
+    assert torch.all(a >= b - 1e-12)
+    with pytest.raises(DfmpcError):
+        mse_optimal_uniform(w, 3, criterion="nope")
+
+
+def test_omse_method_uses_optimal_channel_scales():
+    model = Net().eval()
+    q, report = dfmpc.quantize(model, "3/6", method="omse")
+    assert report.settings["granularity"] == "channel" and OptimalClipping.name == "omse"
+    paper, _ = dfmpc.quantize(model, "3/6", method="per-channel")
+    for name in ("conv1", "conv2"):
+        w = dict(model.named_modules())[name].weight.detach()
+        e_omse = ((dict(q.named_modules())[name].weight - w) ** 2).sum()
+        e_paper = ((dict(paper.named_modules())[name].weight - w) ** 2).sum()
+        assert e_omse <= e_paper + 1e-9
+
+
+# --------------------------------------------------------------------------- compare (real data)
+
+def test_compare_writes_a_json_with_every_cell(shared, tmp_path, monkeypatch):
+    from dfmpc.compare import format_table, load_results, run_comparison
+
+    monkeypatch.setenv("DFMPC_SHARED", str(shared))
+    path = tmp_path / "compare.json"
+    data = run_comparison(["resnet20_cifar10_a"], methods=["original", "dfmpc+"], bits=["4/6", "2/6"], images=40,
+                          device="cpu", progress=False, json_path=path)
+    assert load_results(path) == json.loads(json.dumps(data))
+    assert data["models"][0]["images"] == 40 and data["seed"] == 0 and "torch" in data["versions"]
+    rows = [(r["method"], r["bits"]) for r in data["results"]]
+    assert rows == [("fp32", "32"), ("original", "4/6"), ("dfmpc+", "4/6"), ("original", "2/6"), ("dfmpc+", "2/6")]
+    assert all(r["size_mb"] > 0 for r in data["results"])
+    assert "resnet20_cifar10_a" in format_table(data)
+    assert load_results(tmp_path / "absent.json") is None

@@ -1,0 +1,255 @@
+"""dfmpc+, our data-free improvement: every closed form against its stated objective (autograd,
+brute force or Monte Carlo), the folding into the BatchNorm, and the method's contract."""
+import copy
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+import dfmpc
+from dfmpc.bn_stats import _per_input_channel, input_moments
+from dfmpc.errors import DfmpcError
+from dfmpc.methods.dfmpc_plus import (DFMPCPlus, channel_gain, compensation_from_gain, correlated_cosine,
+                                      correlated_ternary, coupled_gain, coupled_objective, fit_kernel_correlation)
+from dfmpc.methods.omse import mse_optimal_ternary
+from dfmpc.quantizers import quantize_weight
+
+
+def _conv_bn(seed=0, cin=6, cout=5, k=3):
+    """BN -> ReLU -> conv -> BN: the conv's input moments are exact for Gaussian BN inputs."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU(), nn.Conv2d(cin, cout, k, bias=False), nn.BatchNorm2d(cout)).eval()
+    g = torch.Generator().manual_seed(seed)
+    net[0].running_mean.copy_(torch.randn(cin, generator=g))
+    net[0].running_var.copy_(torch.rand(cin, generator=g) + 0.5)
+    net[0].weight.data.copy_(torch.rand(cin, generator=g) + 0.5)
+    net[0].bias.data.copy_(torch.randn(cin, generator=g))
+    net[3].weight.data.copy_(torch.rand(cout, generator=g) + 0.5)
+    net[3].bias.data.copy_(torch.randn(cout, generator=g))
+    return net
+
+
+def _gaussian_inputs(net, n=40000, k=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    bn = net[0]
+    return bn.running_mean[None, :, None, None] + bn.running_var.sqrt()[None, :, None, None] * torch.randn(
+        n, bn.num_features, k, k, generator=g)
+
+
+def _set_output_stats(net, x):
+    """Give the BN after the conv the true full-precision statistics of its input (as training would)."""
+    with torch.no_grad():
+        out = net[2](net[1](net[0](x)))
+    net[3].running_mean.copy_(out.mean(dim=(0, 2, 3)))
+    net[3].running_var.copy_(out.var(dim=(0, 2, 3)))
+
+
+# --------------------------------------------------------------------------- step 2: the gain
+
+def test_gain_slope_is_the_regression_slope_for_independent_inputs():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 3, 3, 3, generator=g, dtype=torch.float64)
+    wq = quantize_weight(w, 2, "channel").dequantize()
+    var = torch.rand(3, generator=g, dtype=torch.float64) + 0.2
+    x = torch.randn(200000, 3, 3, 3, generator=g, dtype=torch.float64) * var.sqrt()[None, :, None, None]
+    X, Xq = x.flatten(1) @ w.flatten(1).T, x.flatten(1) @ wq.flatten(1).T
+    measured = ((X - X.mean(0)) * (Xq - Xq.mean(0))).mean(0) / X.var(0)
+    stats = channel_gain(w, wq, torch.broadcast_to(var[None, :, None, None], w.shape))
+    assert torch.allclose(stats["slope"], measured, rtol=0.02)
+    c = compensation_from_gain(stats, "unbiased")
+    assert torch.allclose(c * stats["slope"], torch.ones(4, dtype=torch.float64))  # unit slope after compensation
+
+
+def test_least_squares_and_variance_gains_are_what_they_say():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(6, 20, generator=g, dtype=torch.float64)
+    wq = quantize_weight(w, 2, "channel").dequantize() * 1.3
+    stats = channel_gain(w, wq, torch.ones_like(w))
+    ls = compensation_from_gain(stats, "least-squares")
+    c = torch.ones(6, dtype=torch.float64, requires_grad=True)  # autograd: argmin_c |c wq - w|^2 per channel
+    opt = torch.optim.LBFGS([c], max_iter=100, tolerance_grad=1e-12, tolerance_change=1e-14)
+
+    def closure():
+        opt.zero_grad()
+        loss = ((c[:, None] * wq - w) ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert torch.allclose(ls, c.detach(), atol=1e-8)
+    var = compensation_from_gain(stats, "variance")
+    assert torch.allclose((var[:, None] * wq).norm(dim=1), w.norm(dim=1))
+    assert torch.equal(compensation_from_gain(stats, "none"), torch.ones(6, dtype=torch.float64))
+    with pytest.raises(DfmpcError):
+        compensation_from_gain(stats, "nope")
+
+
+def test_gain_of_an_all_zero_quantized_channel_is_one():
+    w = torch.randn(2, 9, dtype=torch.float64)
+    wq = w.clone()
+    wq[0] = 0
+    c = compensation_from_gain(channel_gain(w, wq, torch.ones_like(w)), "unbiased")
+    assert c[0] == 1 and torch.isfinite(c).all()
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.4, 0.9])
+def test_coupled_gain_is_the_argmin_of_the_coupled_objective(rho):
+    g = torch.Generator().manual_seed(2)
+    a = torch.rand(7, generator=g, dtype=torch.float64) * 0.4 + 0.6
+    r = torch.rand(7, generator=g, dtype=torch.float64) * 0.3
+    w_next = torch.randn(5, 7, generator=g, dtype=torch.float64) + 0.3
+    closed = coupled_gain(a, r, w_next, rho)
+    c = torch.ones(7, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([c], max_iter=200, tolerance_grad=1e-13, tolerance_change=1e-15)
+
+    def closure():
+        opt.zero_grad()
+        loss = coupled_objective(c, a, r, w_next, rho)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert torch.allclose(closed, c.detach(), atol=1e-6)
+    if rho == 0:  # DF-MPC's least squares, channel by channel
+        assert torch.allclose(closed, a / (a * a + r))
+
+
+def test_coupled_gain_tends_to_unbiased_when_the_next_layer_adds_coherently():
+    g = torch.Generator().manual_seed(3)
+    a = torch.rand(16, generator=g, dtype=torch.float64) * 0.3 + 0.7
+    r = torch.full((16,), 0.2, dtype=torch.float64)
+    w_next = torch.rand(32, 16, generator=g, dtype=torch.float64)  # same-sign weights: a coherent sum
+    mean_gap, unbiased_excess, ls_excess = [], [], []
+    for rho in (0.0, 0.5, 0.99):
+        c = coupled_gain(a, r, w_next, rho)
+        best = coupled_objective(c, a, r, w_next, rho)
+        mean_gap.append((c * a - 1).mean().abs().item())
+        unbiased_excess.append((coupled_objective(1 / a, a, r, w_next, rho) / best).item())
+        ls_excess.append((coupled_objective(a / (a * a + r), a, r, w_next, rho) / best).item())
+    assert mean_gap[0] > mean_gap[1] > mean_gap[2] and mean_gap[2] < 0.03  # the common gain error vanishes
+    assert unbiased_excess[0] > unbiased_excess[1] > unbiased_excess[2] and unbiased_excess[2] < 1.1
+    assert ls_excess[0] == pytest.approx(1.0) and ls_excess[2] > 2.5  # least squares is far off there
+
+
+# --------------------------------------------------------------------------- step 1: the codes
+
+def test_kernel_correlation_fit_recovers_rho():
+    g = torch.Generator().manual_seed(4)
+    rho, cin, n = 0.45, 8, 200000
+    conv = nn.Conv2d(cin, 24, 3, bias=False)
+    nn.init.normal_(conv.weight, mean=0.02, std=0.1, generator=g)
+    var = torch.rand(cin, generator=g) + 0.5
+    common = torch.randn(n, cin, 1, 1, generator=g)
+    x = (rho**0.5 * common + (1 - rho) ** 0.5 * torch.randn(n, cin, 3, 3, generator=g)) * var.sqrt()[None, :, None, None]
+    with torch.no_grad():
+        out_var = conv(x).var(dim=(0, 2, 3))
+    assert fit_kernel_correlation(conv, var, out_var) == pytest.approx(rho, abs=0.05)
+    assert fit_kernel_correlation(nn.Conv2d(cin, 4, 1), var, torch.ones(4)) == 0.0  # 1x1: nothing to fit
+
+
+def test_correlated_ternary_at_rho_zero_is_the_exact_optimum():
+    w = torch.randn(5, 4, 3, 3)
+    assert torch.equal(correlated_ternary(w, 0.0).codes, mse_optimal_ternary(w, "channel").codes)
+    with pytest.raises(DfmpcError):
+        correlated_ternary(w, 1.0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_correlated_ternary_improves_on_its_start_and_no_block_can_do_better(seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(6, 3, 3, 3, generator=g) + 0.2
+    v = torch.rand(6, 3, generator=g) + 0.5
+    rho = 0.5
+    q = correlated_ternary(w, rho, v)
+    start = mse_optimal_ternary(w, "channel", v[:, :, None, None].expand_as(w))
+    cos, cos0 = correlated_cosine(w, q.codes, rho, v), correlated_cosine(w, start.codes, rho, v)
+    assert torch.all(cos >= cos0 - 1e-12) and (cos > cos0 + 1e-6).any()
+    # at the final scale, every (channel, input channel) block has its best codes: brute force over 3^9
+    wd, alpha = w.double(), q.scale.double()
+    all_codes = torch.tensor(list(itertools.product((-1.0, 0.0, 1.0), repeat=9)), dtype=torch.float64)
+    for o in range(6):
+        for i in range(3):
+            blk = wd[o, i].flatten()
+            err = (1 - rho) * ((blk[None] - alpha[o] * all_codes) ** 2).sum(1) + rho * (blk.sum() - alpha[o] * all_codes.sum(1)) ** 2
+            ours = q.codes[o, i].double().flatten()
+            e = (1 - rho) * ((blk - alpha[o] * ours) ** 2).sum() + rho * (blk.sum() - alpha[o] * ours.sum()) ** 2
+            assert e <= err.min() + 1e-9
+
+
+def test_correlated_ternary_on_tiny_filters_reaches_the_brute_force_optimum_mostly():
+    hits = 0
+    for seed in range(10):
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(1, 2, 1, 3, generator=g)
+        q = correlated_ternary(w, 0.6)
+        best = max(correlated_cosine(w, torch.tensor(c, dtype=torch.float32).reshape(1, 2, 1, 3), 0.6).item()
+                   for c in itertools.product((-1, 0, 1), repeat=6) if any(c))
+        ours = correlated_cosine(w, q.codes, 0.6).item()
+        assert ours <= best + 1e-9
+        hits += ours >= best - 1e-9
+    assert hits >= 8
+
+
+# --------------------------------------------------------------------------- steps 2 + 3 in a network
+
+def test_dfmpc_plus_restores_the_mean_and_the_unit_slope_behind_the_bn():
+    net = _conv_bn()
+    x = _gaussian_inputs(net)
+    _set_output_stats(net, x)
+    q, report = dfmpc.quantize(net, "2/2", method="dfmpc+", pairs=[], correlation=0.0)
+    with torch.no_grad():
+        fp, out = net(x).transpose(0, 1).flatten(1), q(x).transpose(0, 1).flatten(1)
+    assert torch.allclose(out.mean(1), fp.mean(1), atol=0.03)  # step 3: the BN sees the mean it expects
+    slope = ((fp - fp.mean(1, keepdim=True)) * (out - out.mean(1, keepdim=True))).mean(1) / fp.var(1)
+    assert torch.allclose(slope, torch.ones(5), atol=0.06)  # step 2: no shrinkage
+    plain, _ = dfmpc.quantize(net, "2/2", method="per-channel", pairs=[])
+    with torch.no_grad():
+        p = plain(x).transpose(0, 1).flatten(1)
+    assert (p.mean(1) - fp.mean(1)).abs().max() > 0.1  # without the correction the mean moves
+    assert set(report.compensation) == {"2"} and report.size_mb == _size_of_per_channel(net)
+
+
+def _size_of_per_channel(net):
+    return dfmpc.quantize(net, "2/2", method="per-channel", pairs=[])[1].size_mb
+
+
+def test_without_a_bn_the_gain_goes_into_the_weights_and_the_bias():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4, 3)).eval()
+    net[0].running_mean.copy_(torch.randn(4))
+    net[0].bias.data.copy_(torch.randn(4))
+    q, _ = dfmpc.quantize(net, "2/2", method="dfmpc+", pairs=[])
+    x = net[0].running_mean[None, :, None, None] + net[0].running_var.sqrt()[None, :, None, None] * torch.randn(
+        100000, 4, 1, 1)
+    with torch.no_grad():
+        assert torch.allclose(q(x).mean(0), net(x).mean(0), atol=0.03)
+
+
+def test_settings_and_errors():
+    net = _conv_bn()
+    _, report = dfmpc.quantize(net, "2/6", method="dfmpc+", pairs=[], gain="least-squares", correlation=0.3)
+    assert report.settings["gain"] == "least-squares" and report.settings["correlation"] == 0.3
+    for bad in ({"gain": "x"}, {"weighting": "x"}, {"correlation": 1.5}, {"correlation": "auto"}):
+        with pytest.raises(DfmpcError):
+            DFMPCPlus("2/6", **bad)
+
+
+def test_input_model_untouched_and_deterministic_on_a_resnet():
+    from dfmpc.models import load_model
+
+    model, _ = load_model("resnet20_cifar10_a", pretrained=False)
+    before = copy.deepcopy(model.state_dict())
+    q1, r1 = dfmpc.quantize(model, "2/6", method="dfmpc+")
+    q2, _ = dfmpc.quantize(model, "2/6", method="dfmpc+")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(a, b) for a, b in zip(q1.state_dict().values(), q2.state_dict().values()))
+    assert len(r1.pairs) == 9
+
+
+def test_input_variances_drive_the_weighted_variant():
+    net = _conv_bn()
+    method = DFMPCPlus("2/2", weighting="variance", pairs=[])
+    q, _ = method.apply(net)
+    v = _per_input_channel(net[2], input_moments(net)["2"].var)
+    assert v.shape == (5, 6, 1, 1) and torch.all(v > 0)
