@@ -7,7 +7,9 @@
 For each model: load it and its evaluation data once (decoded and cached in memory), evaluate the
 full-precision model, then for every bit width and every method quantize a copy with the method's
 own default settings (``dfmpc methods`` lists them) and evaluate it on the same images. Quantization
-runs on the CPU (its seconds are CPU seconds); evaluation runs on ``device``. The result records the
+runs on the CPU with one thread (its tensors are small: more threads only add overhead, and on a
+busy machine a lot of it), so its seconds are single-thread CPU seconds; evaluation runs on
+``device`` with torch's threads. The result records the
 data folders, the number of images, the device, the versions and the seed, and every row carries the
 method's name, bits, top-1/top-5, size in MB and seconds to quantize.
 
@@ -29,7 +31,7 @@ from .errors import DfmpcError
 from .methods import METHODS
 from .plan import parse_bits
 
-__all__ = ["DEFAULT_MODELS", "DEFAULT_BITS", "QUICK", "ABLATION", "ABLATION_BITS", "run_comparison", "format_table", "format_ablation", "pivot", "load_results",
+__all__ = ["DEFAULT_MODELS", "DEFAULT_BITS", "QUICK", "ABLATION", "ABLATION_BITS", "run_comparison", "format_table", "format_ablation", "pivot", "figure", "load_results",
            "default_results_path"]
 
 DEFAULT_MODELS = ("resnet20_cifar10_a", "resnet56_cifar10_a", "efficientnet_lite0")
@@ -110,7 +112,7 @@ def run_comparison(models=DEFAULT_MODELS, methods=None, bits=DEFAULT_BITS, image
     torch.manual_seed(seed)
     out = {"command": command,
            "seed": seed, "images_requested": images if images is not None else "all",
-           "device": _device_name(dev), "quantize_device": "cpu", "versions": _versions(),
+           "device": _device_name(dev), "quantize_device": "cpu (1 thread)", "versions": _versions(),
            "shared": os.environ.get("DFMPC_SHARED"), "bits": bits,
            "methods": {m: METHODS[m].description for m in methods},
            "models": [], "results": [], "ablation": []}
@@ -145,7 +147,7 @@ def run_comparison(models=DEFAULT_MODELS, methods=None, bits=DEFAULT_BITS, image
             for b in bits:
                 for method in methods:
                     bar.set_postfix_str(f"{model_name} {b} {method}")
-                    qmodel, report = quantize(model, bits=b, method=method)
+                    qmodel, report = _quantize_one_thread(quantize, model, b, method)
                     acc = evaluate(qmodel, data, batch_size=batch_size, device=dev, progress=False)
                     out["results"].append({"model": model_name, "method": method, "bits": b, "top1": acc["top1"],
                                            "top5": acc["top5"], "size_mb": report.size_mb,
@@ -155,7 +157,7 @@ def run_comparison(models=DEFAULT_MODELS, methods=None, bits=DEFAULT_BITS, image
             for b in ablation_bits if model_name in ablation_models else ():
                 for label, settings in ABLATION.items():
                     bar.set_postfix_str(f"{model_name} {b} ablation: {label}")
-                    qmodel, report = quantize(model, bits=b, method="dfmpc+", **settings)
+                    qmodel, report = _quantize_one_thread(quantize, model, b, "dfmpc+", **settings)
                     acc = evaluate(qmodel, data, batch_size=batch_size, device=dev, progress=False)
                     out["ablation"].append({"model": model_name, "variant": label, "method": "dfmpc+", "bits": b,
                                             "top1": acc["top1"], "top5": acc["top5"], "size_mb": report.size_mb,
@@ -172,6 +174,15 @@ def run_comparison(models=DEFAULT_MODELS, methods=None, bits=DEFAULT_BITS, image
     if json_path:
         _write(out, json_path)
     return out
+
+
+def _quantize_one_thread(quantize, model, bits, method, **settings):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return quantize(model, bits=bits, method=method, **settings)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _write(data: dict, path) -> None:
@@ -205,6 +216,18 @@ def pivot(data: dict, model: str, field: str = "top1") -> tuple[list[str], list[
     bits = [b for b in data["bits"] if any(r["bits"] == b for r in rows)]
     methods = [m for m in data["methods"] if any(r["method"] == m for r in rows)]
     return bits, methods, {(r["bits"], r["method"]): r[field] for r in rows}
+
+
+def figure(data: dict, model: str, bits: str, method: str = "dfmpc+", field: str = "top1",
+           variant: str | None = None) -> float:
+    """One measured value of a comparison: ``field`` of (model, bits, method), or of a dfmpc+ ablation
+    ``variant``. The book checks every figure its text quotes against the JSON with it."""
+    rows = data.get("ablation", []) if variant is not None else data["results"]
+    for r in rows:
+        if r["model"] == model and r["bits"] == bits and r["method"] == method and r.get("variant") == variant:
+            return r[field]
+    what = f"ablation variant {variant!r}" if variant is not None else f"method {method!r}"
+    raise DfmpcError(f"no result for {model} at {bits} with {what} in this comparison")
 
 
 def format_ablation(data: dict) -> str:

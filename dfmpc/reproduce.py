@@ -410,10 +410,20 @@ def _uniform_bits(wbit: str) -> str:
 # --------------------------------------------------------------------------------------------------
 # The experiments.
 
+def _paper_variants(bits: str) -> list:
+    """The two quantized columns of the paper's Tables 1-2: direct ("Original") and DF-MPC, at ``bits``."""
+    return [("original", "original", bits, {}), ("dfmpc", "dfmpc", bits, dict(DFMPC_SETTINGS))]
+
+
+def _not_measured(missing: dict) -> list[dict]:
+    """Rows for the paper's models that cannot be measured here (paper model -> why)."""
+    return [{"paper_model": m, "model": None, "status": "not measured", "reason": why} for m, why in missing.items()]
+
+
 def exp_table1(run: Run, cfg: dict) -> dict:
     """CIFAR-10: FP32 vs direct MP2/6 ("Original") vs DF-MPC MP2/6 (paper Table 1)."""
     bits = cfg["bits"]
-    variants = [("original", "original", bits, {}), ("dfmpc", "dfmpc", bits, dict(DFMPC_SETTINGS))]
+    variants = _paper_variants(bits)
     rows = []
     for name, paper_model, limit in cfg["models"]:
         row = {"paper_model": paper_model, "model": name}
@@ -425,15 +435,13 @@ def exp_table1(run: Run, cfg: dict) -> dict:
     missing = {"ResNet18": "pytorchcv (the paper's model source) publishes no CIFAR-10 ResNet-18, and no such "
                            "weights are available offline",
                "VGG16": "pytorchcv publishes no CIFAR-10 VGG-16, and no such weights are available offline"}
-    for paper_model, reason in missing.items():
-        rows.append({"paper_model": paper_model, "model": None, "status": "not measured", "reason": reason})
-    return {"bits": bits, "dfmpc_settings": DFMPC_SETTINGS, "rows": rows}
+    return {"bits": bits, "dfmpc_settings": DFMPC_SETTINGS, "rows": rows + _not_measured(missing)}
 
 
 def exp_table2(run: Run, cfg: dict) -> dict:
     """CIFAR-100 (paper Table 2). Without a CIFAR-100 test set only what needs no labels is reported."""
     bits = cfg["bits"]
-    variants = [("original", "original", bits, {}), ("dfmpc", "dfmpc", bits, dict(DFMPC_SETTINGS))]
+    variants = _paper_variants(bits)
     rows = []
     for name, paper_model, limit in cfg["models"]:
         row = {"paper_model": paper_model, "model": name}
@@ -458,9 +466,7 @@ def exp_table2(run: Run, cfg: dict) -> dict:
         rows.append(row)
     missing = {"ResNet18": "pytorchcv publishes no CIFAR-100 ResNet-18, and no such weights are available offline",
                "VGG16": "pytorchcv publishes no CIFAR-100 VGG-16, and no such weights are available offline"}
-    for paper_model, reason in missing.items():
-        rows.append({"paper_model": paper_model, "model": None, "status": "not measured", "reason": reason})
-    return {"bits": bits, "dfmpc_settings": DFMPC_SETTINGS, "rows": rows}
+    return {"bits": bits, "dfmpc_settings": DFMPC_SETTINGS, "rows": rows + _not_measured(missing)}
 
 
 def exp_table34(run: Run, cfg: dict) -> dict:

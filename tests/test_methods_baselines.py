@@ -352,7 +352,7 @@ def test_omse_method_uses_optimal_channel_scales():
 # --------------------------------------------------------------------------- compare (real data)
 
 def test_compare_writes_a_json_with_every_cell(shared, tmp_path, monkeypatch):
-    from dfmpc.compare import format_table, load_results, run_comparison
+    from dfmpc.compare import figure, format_table, load_results, run_comparison
 
     monkeypatch.setenv("DFMPC_SHARED", str(shared))
     path = tmp_path / "compare.json"
@@ -365,3 +365,56 @@ def test_compare_writes_a_json_with_every_cell(shared, tmp_path, monkeypatch):
     assert all(r["size_mb"] > 0 for r in data["results"])
     assert "resnet20_cifar10_a" in format_table(data)
     assert load_results(tmp_path / "absent.json") is None
+    assert figure(data, "resnet20_cifar10_a", "2/6", "original") == data["results"][3]["top1"]
+    assert figure(data, "resnet20_cifar10_a", "4/6", "dfmpc+", "size_mb") == data["results"][2]["size_mb"]
+    with pytest.raises(DfmpcError, match="no result for resnet20_cifar10_a at 3/6"):
+        figure(data, "resnet20_cifar10_a", "3/6", "original")
+    with pytest.raises(DfmpcError, match="ablation variant 'dfmpc\\+'"):
+        figure(data, "resnet20_cifar10_a", "2/6", variant="dfmpc+")  # no ablation in this run
+
+
+def test_full_comparison_kept_for_the_book_is_consistent():
+    """book/data/compare_full.json (the book's full table) is whole and agrees with itself: every model x
+    bits x method cell is there once, and the ablation's unchanged dfmpc+ row equals the dfmpc+ cell
+    (same deterministic quantization, same images)."""
+    from pathlib import Path
+
+    from dfmpc.compare import DEFAULT_BITS, DEFAULT_MODELS, figure, load_results
+    from dfmpc.methods import METHODS
+
+    data = load_results(Path(__file__).resolve().parents[1] / "book" / "data" / "compare_full.json")
+    assert data is not None and data["images_requested"] == "all"
+    cells = [(r["model"], r["bits"], r["method"]) for r in data["results"] if r["method"] != "fp32"]
+    assert sorted(cells) == sorted(itertools.product(DEFAULT_MODELS, DEFAULT_BITS, METHODS))
+    assert [e["model"] for e in data["models"]] == list(DEFAULT_MODELS)
+    for model, bits in {(r["model"], r["bits"]) for r in data["ablation"]}:
+        assert figure(data, model, bits, variant="dfmpc+") == figure(data, model, bits, "dfmpc+")
+
+
+def test_readme_table_quotes_the_full_comparison():
+    """Every top-1 figure in the README's table is the one in book/data/compare_full.json, and the
+    "best other baseline" column names the best of per-channel, dfq and omse."""
+    from pathlib import Path
+
+    from dfmpc.compare import figure, load_results
+
+    root = Path(__file__).resolve().parents[1]
+    data = load_results(root / "book" / "data" / "compare_full.json")
+    names = {"ResNet-20": "resnet20_cifar10_a", "ResNet-56": "resnet56_cifar10_a", "EfficientNet-Lite0": "efficientnet_lite0"}
+    rows, model = 0, None
+    for line in (root / "README.md").read_text().splitlines():
+        if not line.startswith("| ") or "---" in line or "model (fp32)" in line:
+            continue
+        cells = [c.strip().strip("*") for c in line.strip().strip("|").split("|")]
+        if cells[0]:
+            model = names[cells[0].split(",")[0]]
+            fp32 = float(cells[0].rsplit("(", 1)[1].rstrip(")"))
+            assert fp32 == round(next(e["fp32"]["top1"] for e in data["models"] if e["model"] == model), 2)
+        bits, best = cells[1], cells[3]
+        best_value, best_method = best.split(" (")
+        best_method = best_method.rstrip(")")
+        for method, quoted in (("original", cells[2]), (best_method, best_value), ("dfmpc", cells[4]), ("dfmpc+", cells[5])):
+            assert float(quoted) == round(figure(data, model, bits, method), 2), (model, bits, method)
+        assert best_method == max(("per-channel", "dfq", "omse"), key=lambda m: figure(data, model, bits, m))
+        rows += 1
+    assert rows == 9

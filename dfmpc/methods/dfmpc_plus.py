@@ -1,29 +1,31 @@
 r"""dfmpc+: DF-MPC with the output statistics that BatchNorm expects (our data-free improvement).
 
 Uses nothing but the pretrained model: its weights and the BatchNorm running statistics. The book
-chapter "Beyond the paper: dfmpc+" derives every step and checks it numerically; in short, for
+chapter "dfmpc+: the statistics that BatchNorm expects" derives every step and checks it numerically; in short, for
 every quantized layer with full-precision weight W (output channel o: filter W_o) and input x:
 
 0. **Input moments from BN** (:mod:`dfmpc.bn_stats`): the mean mu_i and variance v_i of every input
    channel i of the layer, from the BN statistics upstream through Gaussian ReLU moments.
-1. **Codes** that maximise the cosine between the quantized and the full-precision filter in the
-   metric of the input variances, <q, W_o>_v / (|q|_v |W_o|_v) with <a, b>_v = sum_{i,k} v_i a_{i,k} b_{i,k}:
-   exactly for ternary weights (the optimal threshold per channel, not 0.7 E|w|), on a grid of
-   clipping scales for k-bit weights (:mod:`dfmpc.methods.omse`). The cosine is what is left of the
-   error once the channel's gain is corrected (step 2), so it is the quantity to maximise.
+1. **Codes** that maximise the cosine between the quantized and the full-precision filter, which is
+   what is left of the error once the channel's gain is corrected (step 2). Ternary layers with
+   kernels: in the metric <a, b>_M = sum_i [(1 - rho) sum_k a_ik b_ik + rho (sum_k a_ik)(sum_k b_ik)]
+   that gives the error of a kernel's sum its weight on smooth inputs, with rho fitted per layer from
+   the variances recorded by the BN after it (:func:`fit_kernel_correlation`) and the codes found by
+   :func:`correlated_ternary`; rho = 0 is the exact per-channel optimum (optimal threshold instead of
+   0.7 E|w|). k-bit layers: the clipping scale with the largest cosine (:mod:`dfmpc.methods.omse`).
+   ``weighting="variance"`` weights every input channel by v_i in these metrics and in step 2.
 2. **Unbiased per-channel compensation** c_o. With X_o = W_o (*) x and X^_o = W^_o (*) x, the
-   regression of X^_o on X_o has slope a_o = <W^_o, W_o>_v / |W_o|_v^2 (inputs independent, variances
-   v_i): X^_o = a_o X_o + N_o, N_o uncorrelated with X_o. DF-MPC's least-squares c = a/(a^2 + r)
-   (r: noise-to-signal ratio) shrinks every channel; the next layer adds many channels whose
-   signals are correlated (which the next BN's variance shows), so the shrinkage adds up coherently
-   while the noise does not. We use c_o = 1 / a_o: the compensated channel is the full-precision one
-   plus noise, with no shrinkage. ``gain="least-squares"`` and ``gain="variance"`` (c = |W|_v / |W^|_v)
-   are kept for comparison.
-3. **Mean correction**: E[X^_o - X_o] = sum_{i,k} (c_o W^_o - W_o)_{i,k} mu_i is what the BN after the
+   regression of X^_o on X_o has slope a_o = <W^_o, W_o> / |W_o|^2 (inputs independent with equal
+   variances, or variances v_i with ``weighting="variance"``): X^_o = a_o X_o + N_o, N_o uncorrelated
+   with X_o. DF-MPC's least-squares c = a/(a^2 + r) (r: noise-to-signal ratio) shrinks every channel;
+   the layers after it average the noise over pixels but not the shrinkage (:func:`coupled_gain`),
+   so we use c_o = 1 / a_o: the compensated channel is the full-precision one plus noise.
+   ``gain="least-squares"``, ``"variance"`` (c = |W| / |W^|) and ``"none"`` are kept for comparison.
+3. **Mean correction**: E[c_o X^_o - X_o] = sum_{i,k} (c_o W^_o - W_o)_{i,k} mu_i is what the BN after the
    layer would otherwise add to its fixed running mean (the inputs are post-ReLU, mu_i > 0).
 
 Where a BatchNorm directly follows the layer, steps 2 and 3 are folded into it at no storage cost:
-gamma_o <- gamma_o c_o and running_mean_o <- running_mean_o + E[X^_o - X_o] (c scales only the centred
+gamma_o <- gamma_o c_o and running_mean_o <- (running_mean_o + E[c_o X^_o - X_o]) / c_o (c scales only the centred
 output; the BN shift beta_o, which the paper's Theta term protects, is untouched). Elsewhere (a
 classifier) the row of the weight is multiplied by c_o (a per-channel scale) and the bias corrected.
 
@@ -246,8 +248,8 @@ def correlated_ternary(w: torch.Tensor, rho: float, variances: torch.Tensor | No
 
 class DFMPCPlus(QuantizationMethod):
     name = "dfmpc+"
-    description = ("ours, data-free: BN-weighted optimal codes, unbiased per-channel compensation and "
-                   "mean correction from BN statistics, folded into the BNs")
+    description = ("ours, data-free: mean correction and unbiased per-channel compensation from the BN "
+                   "statistics, correlation-aware codes, folded into the BNs")
 
     def __init__(self, bits="2/6", granularity: str = "channel", gain: str = "unbiased", mean_correction: bool = True,
                  weighting: str = "none", correlation="fit", clipping: str = "optimal", **kwargs):
