@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -28,6 +29,17 @@ __all__ = ["predict", "top1", "top5", "agreement", "feature_errors", "weight_fit
            "filter_normalized_directions", "loss_surface", "batch_of"]
 
 WEIGHT_LAYERS = (nn.Conv2d, nn.Linear)
+
+
+@contextlib.contextmanager
+def _forward_hooks(layers: dict, make_hook):
+    """Forward hooks ``make_hook(name)`` on the named layers for the duration of the block."""
+    handles = [m.register_forward_hook(make_hook(n)) for n, m in layers.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _device(device) -> torch.device:
@@ -148,18 +160,10 @@ def feature_errors(fp_model: nn.Module, q_model: nn.Module, images: torch.Tensor
         with torch.inference_mode():
             for start in range(0, images.shape[0], batch_size):
                 x = images[start:start + batch_size].to(device)
-                handles = [m.register_forward_hook(keep_q(n)) for n, m in q_layers.items()]
-                try:
+                with _forward_hooks(q_layers, keep_q):
                     q_model(x)
-                finally:
-                    for h in handles:
-                        h.remove()
-                handles = [m.register_forward_hook(compare(n)) for n, m in fp_layers.items()]
-                try:
+                with _forward_hooks(fp_layers, compare):
                     fp_model(x)
-                finally:
-                    for h in handles:
-                        h.remove()
                 q_out.clear()
     finally:
         fp_model.to(homes[0]).train(modes[0])
