@@ -105,7 +105,8 @@ def toc_pages(toc_path: Path) -> list[str]:
     def walk(node):
         if isinstance(node, dict):
             if "file" in node:
-                pages.append(str(Path(node["file"]).with_suffix("")) if Path(node["file"]).suffix in {".md", ".ipynb", ".rst"} else node["file"])
+                path = Path(node["file"])
+                pages.append(str(path.with_suffix("")) if path.suffix in {".md", ".ipynb", ".rst"} else node["file"])
             if "glob" in node:
                 print(f"note: glob entry {node['glob']!r} in the toc is not checked", file=sys.stderr)
             for key in ("parts", "chapters", "sections"):

@@ -5,10 +5,11 @@
     print(report)
 """
 from .api import quantize
-from .compensation import BatchNormStats, compensation_objective, solve_compensation
+from .compensation import compensation_objective, solve_compensation
 from .errors import DfmpcError
 from .graph import LayerPair, find_pairs, pairs_from_names
 from .methods import METHODS
+from .moments import BatchNormStats
 from .plan import parse_bits, plan_layers
 from .quantizers import QuantizedTensor, quantize_weight, ternary_quantize, uniform_quantize
 from .size import fp32_size_mb, quantized_size_mb

@@ -6,6 +6,8 @@ from torch import nn
 from .errors import DfmpcError
 from .methods import METHODS
 
+__all__ = ["quantize"]
+
 
 def quantize(model: nn.Module, bits="2/6", method: str = "dfmpc", **settings):
     """Quantize the weights of ``model`` to layer-wise mixed precision; return ``(qmodel, report)``.

@@ -54,49 +54,19 @@ Conventions for degenerate channels (chosen so that no NaN can come out):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 import math
+from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from .errors import DfmpcError
+from .moments import BatchNormStats
+
+__all__ = ["BatchNormStats", "CompensationTerms", "check_lambdas", "compensation_terms", "compensation_objective",
+           "solve_compensation"]
 
 
-@dataclass(frozen=True)
-class BatchNormStats:
-    """The running statistics and affine parameters of the BN after layer l (eval mode)."""
-
-    mean: torch.Tensor
-    var: torch.Tensor
-    weight: torch.Tensor
-    bias: torch.Tensor
-    eps: float
-
-    @classmethod
-    def from_module(cls, bn: nn.Module) -> "BatchNormStats":
-        if bn.running_mean is None or bn.running_var is None:
-            raise DfmpcError(f"{type(bn).__name__} has no running statistics (track_running_stats=False); "
-                             "DF-MPC needs them: build the model with track_running_stats=True")
-        n = bn.running_mean.numel()
-        weight = bn.weight.detach() if bn.weight is not None else torch.ones(n)
-        bias = bn.bias.detach() if bn.bias is not None else torch.zeros(n)
-        return cls(bn.running_mean.detach(), bn.running_var.detach(), weight, bias, float(bn.eps))
-
-    @property
-    def scale(self) -> torch.Tensor:
-        """s_j = gamma_j / sqrt(sigma_j^2 + eps)."""
-        return self.weight / torch.sqrt(self.var + self.eps)
-
-    def relative_shift_sq(self) -> torch.Tensor:
-        """t_j = b_bar_j^2 / (mu_j^2 + sigma_j^2 + eps), with b_bar_j = beta_j / s_j - mu_j (0 where s_j = 0)."""
-        s = self.scale
-        safe_s = torch.where(s != 0, s, torch.ones_like(s))
-        b_bar = torch.where(s != 0, self.bias / safe_s - self.mean, torch.zeros_like(s))
-        return b_bar**2 / (self.mean**2 + self.var + self.eps)
-
-
-def _check_lambdas(lambda1: float, lambda2: float) -> None:
+def check_lambdas(lambda1: float, lambda2: float) -> None:
     for name, value in (("lambda1", lambda1), ("lambda2", lambda2)):
         if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value) or value < 0:
             raise DfmpcError(f"{name} must be a non-negative number, got {value!r}")
@@ -154,7 +124,7 @@ def compensation_objective(c: torch.Tensor, w_low: torch.Tensor, w_low_q: torch.
 
     Differentiable in ``c`` (used by the tests to check the closed form against autograd).
     """
-    _check_lambdas(lambda1, lambda2)
+    check_lambdas(lambda1, lambda2)
     w, wq = _flat(w_low), _flat(w_low_q)
     c = c.double()
     norm = w.norm(dim=1, keepdim=True)
@@ -182,7 +152,7 @@ def solve_compensation(w_low: torch.Tensor, w_low_q: torch.Tensor, bn: BatchNorm
     Returns:
         float tensor of shape (C,), the coefficients c_j of Eq. (7), in the dtype of ``w_low``.
     """
-    _check_lambdas(lambda1, lambda2)
+    check_lambdas(lambda1, lambda2)
     terms = compensation_terms(w_low, w_low_q, bn)
     num = terms.a + lambda1 * terms.t
     den = terms.g + lambda1 * terms.t + lambda2

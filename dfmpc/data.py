@@ -19,7 +19,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 
 from .errors import DfmpcError
 
-__all__ = ["load_dataset", "default_data_dir", "ImageListDataset", "DATASETS"]
+__all__ = ["load_dataset", "default_data_dir", "shared_dir", "repository_root", "ImageListDataset", "DATASETS"]
 
 DATASETS = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".webp")
@@ -47,11 +47,51 @@ class ImageListDataset(Dataset):
         return (self.transform(img) if self.transform is not None else img), label
 
 
+def repository_root() -> Path | None:
+    """The dfmpc repository this code runs from (an editable install or a checkout), else None.
+
+    Looked for above this package's own folder first, then above the working directory (a notebook runs
+    in ``notebooks/``, a test in the repository root or below).
+    """
+    for start in (Path(__file__).resolve().parents[1], Path.cwd().resolve()):
+        for folder in (start, *start.parents):
+            if (folder / "pyproject.toml").is_file() and (folder / "dfmpc" / "__init__.py").is_file():
+                return folder
+    return None
+
+
+def shared_dir() -> Path | None:
+    """The offline data folder (the one holding ``data/``), or None where there is none.
+
+    * ``$DFMPC_SHARED`` if set. A relative path is taken from the working directory, else from the
+      repository root: ``DFMPC_SHARED=../shared`` typed in the repository root still works in a notebook,
+      whose kernel runs in ``notebooks/``. A value that names no such folder is an error, not a silent
+      download. ``DFMPC_SHARED=none`` ignores the offline folder (everything is downloaded).
+    * Otherwise ``../shared`` beside the repository, if it exists.
+    """
+    env = os.environ.get("DFMPC_SHARED", "").strip()
+    root = repository_root()
+    if env.lower() == "none":
+        return None
+    if env:
+        given = Path(env).expanduser()
+        tried = [given] if given.is_absolute() else [Path.cwd() / given] + ([root / given] if root else [])
+        for folder in tried:
+            if (folder / "data").is_dir():
+                return folder.resolve()
+        raise DfmpcError(f"DFMPC_SHARED={env!r} is not the offline data folder (no data/ in "
+                         f"{' or '.join(str(t.resolve()) for t in tried)}); fix the path, or unset it to use "
+                         "../shared beside the repository, or set it to none to download")
+    if root is not None and (root.parent / "shared" / "data").is_dir():
+        return (root.parent / "shared").resolve()
+    return None
+
+
 def default_data_dir(name: str) -> Path | None:
-    """The offline copy of data set ``name`` under ``$DFMPC_SHARED``, or None if that is unset/unknown."""
-    shared = os.environ.get("DFMPC_SHARED")
+    """The offline copy of data set ``name`` in :func:`shared_dir`, or None if there is none."""
+    shared = shared_dir()
     sub = _SHARED_DIRS.get(name.lower())
-    return Path(shared) / sub if shared and sub else None
+    return shared / sub if shared is not None and sub else None
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, transform=None, limit: int | None = None,
@@ -84,7 +124,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, transform
         data_dir.mkdir(parents=True, exist_ok=True)
     if data_dir is None:
         raise DfmpcError("ImageNet cannot be downloaded; pass --data-dir with a folder of <wnid>/*.JPEG images "
-                         "(or set DFMPC_SHARED)")
+                         "(or point DFMPC_SHARED at the offline data folder)")
     root = Path(data_dir).expanduser()
     if not root.is_dir():
         raise DfmpcError(f"data folder {str(root)!r} does not exist; pass --data-dir with a local copy of {key}")

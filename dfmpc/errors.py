@@ -1,5 +1,7 @@
 """User-facing errors of dfmpc."""
 
+__all__ = ["DfmpcError"]
+
 
 class DfmpcError(ValueError):
     """An error the user can fix: bad input, missing file, no internet.

@@ -22,11 +22,14 @@ Pairs do not overlap: layers are visited in execution order and a layer joins at
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
 from .errors import DfmpcError
+
+__all__ = ["WEIGHT_LAYERS", "BATCH_NORMS", "LayerPair", "trace", "weight_layer_names", "find_pairs", "pairs_from_names"]
 
 WEIGHT_LAYERS = (nn.Conv2d, nn.Linear)
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)

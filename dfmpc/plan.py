@@ -16,14 +16,16 @@ A pair whose low or high layer is kept in full precision is dropped (nothing to 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 import re
+from dataclasses import dataclass
 
 from torch import nn
 
 from .errors import DfmpcError
 from .graph import LayerPair, find_pairs, pairs_from_names, trace, weight_layer_names
 from .quantizers import MAX_BITS, MIN_BITS
+
+__all__ = ["UNPAIRED_POLICIES", "FP32", "parse_bits", "LayerAssignment", "MixedPrecisionPlan", "plan_layers"]
 
 UNPAIRED_POLICIES = ("high", "low", "fp32")
 FP32 = 32
@@ -88,6 +90,13 @@ def plan_layers(model: nn.Module, bits="2/6", unpaired: str = "high", keep_fp32=
         names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
         by_name = [p for p in pairs if not isinstance(p, LayerPair)]
         pairs = [p for p in pairs if isinstance(p, LayerPair)] + pairs_from_names(model, by_name)
+        seen: dict[str, tuple[str, str]] = {}
+        for p in pairs:  # a layer in two pairs would be both low and high, or compensated twice
+            for layer in (p.low, p.high):
+                if layer in seen:
+                    raise DfmpcError(f"layer {layer!r} is in two pairs, {seen[layer]} and {(p.low, p.high)}; pairs "
+                                     "must not overlap (each layer is low in one pair or high in one pair)")
+                seen[layer] = (p.low, p.high)
     if not names:
         raise DfmpcError(f"{type(model).__name__} has no Conv2d or Linear layer; nothing to quantize")
     if isinstance(keep_fp32, str):

@@ -22,6 +22,9 @@ import torch
 
 from .errors import DfmpcError
 
+__all__ = ["GRANULARITIES", "MIN_BITS", "MAX_BITS", "QuantizedTensor", "check_weight", "ternary_quantize",
+           "uniform_quantize", "quantize_weight"]
+
 GRANULARITIES = ("tensor", "channel")
 MIN_BITS, MAX_BITS = 2, 8
 
@@ -72,7 +75,7 @@ def _broadcast(per_channel: torch.Tensor, dim: int) -> torch.Tensor:
     return per_channel.reshape(-1, *([1] * (dim - 1)))
 
 
-def _check_weight(w: torch.Tensor) -> None:
+def check_weight(w: torch.Tensor) -> None:
     if not torch.is_tensor(w) or not w.is_floating_point():
         raise DfmpcError(f"expected a floating-point weight tensor, got {type(w).__name__}; pass a float tensor")
     if w.numel() == 0:
@@ -102,7 +105,7 @@ def ternary_quantize(w: torch.Tensor, granularity: str = "tensor", threshold_fac
     Scale: alpha = mean of |w| over the entries with |w| > Delta (Eq. 4). A tensor (or channel)
     where no entry exceeds Delta, e.g. an all-zero channel, gets alpha = 0 and all-zero codes.
     """
-    _check_weight(w)
+    check_weight(w)
     _check_granularity(granularity)
     if not threshold_factor >= 0:
         raise DfmpcError(f"threshold_factor must be >= 0, got {threshold_factor}")
@@ -126,7 +129,7 @@ def uniform_quantize(w: torch.Tensor, bits: int, granularity: str = "tensor") ->
     levels in [-1, 1] (there is no exact zero level), scaled back by max|w|. The code is the
     integer inside the round, in {0, ..., 2^k - 1}. An all-zero tensor or channel has scale 0.
     """
-    _check_weight(w)
+    check_weight(w)
     _check_granularity(granularity)
     if isinstance(bits, bool) or not isinstance(bits, int) or not (MIN_BITS <= bits <= MAX_BITS):
         raise DfmpcError(f"bits must be an integer in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")

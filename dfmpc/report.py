@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+__all__ = ["LayerReport", "QuantizationReport"]
+
 
 @dataclass(frozen=True)
 class LayerReport:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from torch import nn
 
+__all__ = ["MIB", "fp32_size_mb", "quantized_size_mb"]
+
 MIB = 8 * 2**20  # bits in one MB as the paper counts it
 
 

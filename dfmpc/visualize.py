@@ -14,6 +14,8 @@ from torch import nn
 from .graph import trace
 from .plan import MixedPrecisionPlan
 
+__all__ = ["ROLE_COLORS", "ROLE_LABELS", "role_legend", "plot_plan", "draw_block"]
+
 ROLE_COLORS = {"low": "#1f77b4", "high": "#ff7f0e", "unpaired": "#9e9e9e", "fp32": "#2b2b2b"}
 ROLE_LABELS = {"low": "low bits (layer l of a pair)", "high": "high bits (layer l+1, compensates)",
                "unpaired": "unpaired (policy)", "fp32": "kept in fp32"}

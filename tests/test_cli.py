@@ -25,12 +25,12 @@ def test_quantize_writes_the_documented_json(capsys, tmp_path, shared):
     out_json = tmp_path / "r.json"
     code, out, _ = run(capsys, "quantize", "--model", "resnet20_cifar10_a", "--weights", str(shared / WEIGHTS20),
                        "--dataset", "cifar10", "--data-dir", str(shared / "data/cifar10/test_jpeg"), "--bits", "2/6,4/6",
-                       "--lambda1", "0,0.5", "--limit", "200", "--no-progress", "--json", str(out_json),
+                       "--lambda1", "0,0.5", "--images", "200", "--no-progress", "--json", str(out_json),
                        "--save", str(tmp_path / "q.pt"))
     assert code == 0
     data = json.loads(out_json.read_text())
-    assert {"model", "dataset", "data_dir", "limit", "results"} <= set(data)
-    assert data["limit"] == 200 and data["model"] == "resnet20_cifar10_a"
+    assert {"model", "dataset", "data_dir", "images", "results"} <= set(data)
+    assert data["images"] == 200 and data["model"] == "resnet20_cifar10_a"
     rows = data["results"]
     assert [r["method"] for r in rows] == ["fp32", "original", "dfmpc", "dfmpc", "original", "dfmpc", "dfmpc"]
     for r in rows:
@@ -54,7 +54,12 @@ def test_quantize_writes_the_documented_json(capsys, tmp_path, shared):
     (["quantize", "--model", "resnet20_cifar10_a", "--lambda1", "-0.5"], "lambda1"),
     (["quantize", "--model", "resnet20_cifar10_a", "--lambda2", "-1"], "lambda2"),
     (["quantize", "--model", "resnet20_cifar10_a", "--weights", "/no/such/file.th"], "does not exist"),
-    (["quantize", "--model", "resnet20_cifar10_a", "--data-dir", "/no/such/dir"], "does not exist"),
+    (["quantize", "--model", "resnet20_cifar10_a", "--data-dir", "/no/such/dir"], "is not a folder"),
+    (["quantize", "--model", "resnet20_cifar10_a", "--method", ""], "names no method"),
+    (["quantize", "--model", "resnet20_cifar10_a", "--images", "0"], "--images takes a positive number"),
+    (["quantize", "--model", "resnet20_cifar10_a", "--device", "foo"], "unknown device"),
+    (["quantize", "--model", "resnet20_cifar10_a", "--batch-size", "0"], "--batch-size"),
+    (["quantize", "--model", "resnet20_cifar10_a", "--json", "/tmp"], "is a folder"),
     (["quantize", "--model", "resnet20_cifar10_a", "--dataset", "svhn"], "unknown dataset"),
     (["quantize", "--model", "resnet20_cifar10_a", "--method", "magic"], "unknown method"),
 ])

@@ -1,9 +1,22 @@
 """The closed form is the argmin of the stated objective, and every step of its derivation holds numerically."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from dfmpc import BatchNormStats, DfmpcError, compensation_objective, solve_compensation, ternary_quantize, uniform_quantize
+import dfmpc
+from dfmpc import (
+    BatchNormStats,
+    DfmpcError,
+    compensation_objective,
+    find_pairs,
+    solve_compensation,
+    ternary_quantize,
+    uniform_quantize,
+)
+from dfmpc.methods.dfmpc import apply_compensation
 
 LAMBDAS = [(0.0, 0.0), (0.5, 0.0), (1.0, 0.0), (0.5, 0.01), (0.0, 0.1), (3.0, 1.0)]
 
@@ -65,7 +78,8 @@ def test_closed_form_is_argmin_on_random_layers(lambda1, lambda2, bits):
 def test_closed_form_is_argmin_on_a_real_layer(shared):
     from dfmpc.models import load_model
 
-    model, _ = load_model("resnet20_cifar10_a", weights=str(next((shared / "data/cifar10/weights/he2016_option_a").glob("resnet20-*.th"))))
+    weights = next((shared / "data/cifar10/weights/he2016_option_a").glob("resnet20-*.th"))
+    model, _ = load_model("resnet20_cifar10_a", weights=str(weights))
     modules = dict(model.named_modules())
     conv, bn_mod = modules["layer2.1.conv1"], modules["layer2.1.bn1"]
     w = conv.weight.detach()
@@ -148,39 +162,102 @@ def conv(a, w):
     return F.conv2d(a, w, padding=w.shape[-1] // 2)
 
 
-def test_eq10_decomposition_is_an_identity():
-    """c Q(W) * A_hat - W * A = c (Q(W) - W) * A_hat + W * (c A_hat - A), per input channel j (Eq. 10)."""
-    gen = torch.Generator().manual_seed(4)
-    w_next = torch.randn(6, 1, 3, 3, generator=gen)
-    q_next = uniform_quantize(w_next, 6).dequantize()
-    a, a_hat = torch.randn(2, 1, 8, 8, generator=gen), torch.randn(2, 1, 8, 8, generator=gen)
-    c = 0.7
-    lhs = conv(a_hat, c * q_next) - conv(a, w_next)
-    rhs = c * conv(a_hat, q_next - w_next) + conv(c * a_hat - a, w_next)
+def _pair_net(seed: int, between: nn.Module, groups: int = 1) -> nn.Sequential:
+    """conv(4 -> 6) -> BN -> ``between`` -> conv(6 -> 6, ``groups``): one DF-MPC pair, BN with real-looking stats."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), between,
+                        nn.Conv2d(6, 6, 3, padding=1, bias=False, groups=groups)).eval()
+    net[1].running_mean.uniform_(-0.5, 0.5)
+    net[1].running_var.uniform_(0.5, 2.0)
+    net[1].weight.data.uniform_(0.5, 1.5)
+    net[1].bias.data.uniform_(-0.5, 0.5)
+    return net
+
+
+def test_eq10_decomposition_holds_for_the_layer_dfmpc_compensated():
+    """Eq. (10) on a model that dfmpc.quantize compensated: the output error of layer l+1 is
+    c (Q(W) - W) * A_hat + W * (c A_hat - A), per input channel j, with Q the 6-bit quantizer of Eq. (6), c the
+    report's coefficients and A_hat the activations the quantized model itself feeds to layer l+1 (Eq. 7:
+    c multiplies the input channels of the quantized high layer -- any other placement breaks this)."""
+    net = _pair_net(0, nn.ReLU())
+    q, report = dfmpc.quantize(net, "2/6", lambda1=0.5)
+    c = report.compensation["3"].reshape(1, -1, 1, 1)
+    assert report.pairs == [("0", "3")] and not torch.allclose(c, torch.ones_like(c))
+    x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, a_hat = net[:3](x), q[:3](x)
+        w = net[3].weight
+        q_w = uniform_quantize(w, 6).dequantize()
+        lhs = q[3](a_hat) - net[3](a)
+        rhs = conv(c * a_hat, q_w - w) + conv(c * a_hat - a, w)
     assert torch.allclose(lhs, rhs, atol=1e-5)
+    assert not torch.allclose(lhs, conv(a_hat, q_w) - conv(a, w), atol=1e-3)  # c did act
 
 
-def test_eq11_and_channel_regrouping():
-    """Eq. (11): output channel j of layer l is the sum over input channels m of W_{j,m} * A_m, and
-    Eq. (8): layer l+1's output t is the sum over its input channels j -- convolution is linear."""
-    gen = torch.Generator().manual_seed(5)
-    a_prev = torch.randn(2, 4, 8, 8, generator=gen)
-    w = torch.randn(5, 4, 3, 3, generator=gen)
-    x = conv(a_prev, w)
-    by_channel = sum(conv(a_prev[:, m : m + 1], w[:, m : m + 1]) for m in range(4))
-    assert torch.allclose(x, by_channel, atol=1e-5)
-    # c_j times the ternary filter j == c_j times its output channel
-    c = torch.rand(5, generator=gen)
-    assert torch.allclose(conv(a_prev, c.reshape(5, 1, 1, 1) * w), c.reshape(1, 5, 1, 1) * x, atol=1e-5)
+@pytest.mark.parametrize("groups", [1, 2, 6])
+def test_eq7_scaling_input_channels_of_layer_l1_equals_scaling_outputs_of_layer_l(groups):
+    """Eq. (7)/(11) in dfmpc's code: c_j on input channel j of layer l+1 (``apply_compensation``, fold="next",
+    through ``input_channel_multiplier``, grouped and depthwise convolutions included) gives the same output as
+    c_j on output channel j of layer l after BN and ReLU (fold="bn"), because ReLU is positively homogeneous."""
+    net = _pair_net(2, nn.ReLU(), groups)
+    pair = find_pairs(net)[0]
+    assert (pair.low, pair.high, pair.bn, pair.exact) == ("0", "3", "1", True)
+    c = torch.rand(6, generator=torch.Generator().manual_seed(3)) * 2
+    by_input, by_bn = copy.deepcopy(net), copy.deepcopy(net)
+    with torch.no_grad():
+        apply_compensation(by_input, pair, c, fold="next")
+        apply_compensation(by_bn, pair, c, fold="bn")
+        x = torch.randn(2, 4, 8, 8)
+        assert torch.allclose(by_input(x), by_bn(x), atol=1e-5)
+        # and it is input channel j of layer l+1 that c_j scales
+        scaled = F.conv2d(c.reshape(1, -1, 1, 1) * net[:3](x), net[3].weight, padding=1, groups=groups)
+        assert torch.allclose(by_input(x), scaled, atol=1e-5)
 
 
-def test_relu_homogeneity_and_lipschitz_bound():
-    """c f(z_hat) = f(c z_hat) for c >= 0, and |c f(z_hat) - f(z)| <= |c z_hat - z| (step 3)."""
-    gen = torch.Generator().manual_seed(6)
-    z, z_hat = torch.randn(10000, generator=gen), torch.randn(10000, generator=gen)
-    for c in (0.0, 0.3, 1.0, 2.5):
-        assert torch.allclose(c * F.relu(z_hat), F.relu(c * z_hat))
-        assert ((c * F.relu(z_hat) - F.relu(z)).abs() <= (c * z_hat - z).abs() + 1e-7).all()
+def test_pairs_through_relu6_are_inexact_and_refuse_the_bn_fold():
+    """Step 3 needs a positively homogeneous activation. Through ReLU6 dfmpc marks the pair inexact and refuses
+    fold="bn" with a clear error -- rightly: there c relu6(z) and relu6(c z) differ, the two folds disagree."""
+    net = _pair_net(4, nn.ReLU6())
+    net[1].bias.data.fill_(5.0)  # pre-activations near the clip at 6
+    (pair,) = find_pairs(net)
+    assert not pair.exact
+    with pytest.raises(DfmpcError, match="positively homogeneous"):
+        dfmpc.quantize(net, "2/6", fold="bn")
+    c = torch.full((6,), 1.5)
+    by_input, by_bn = copy.deepcopy(net), copy.deepcopy(net)
+    with torch.no_grad():
+        apply_compensation(by_input, pair, c, fold="next")
+        by_bn[1].weight.mul_(c)
+        by_bn[1].bias.mul_(c)
+        x = torch.randn(2, 4, 8, 8)
+        assert not torch.allclose(by_input(x), by_bn(x), atol=1e-2)
+
+
+def test_the_bn_fold_without_affine_parameters_is_refused_and_next_works():
+    net = _pair_net(5, nn.ReLU())
+    net[1] = nn.BatchNorm2d(6, affine=False).eval()
+    net[1].running_mean.uniform_(-0.5, 0.5)
+    net[1].running_var.uniform_(0.5, 2.0)
+    with pytest.raises(DfmpcError, match="no affine parameters"):
+        dfmpc.quantize(net, "2/6", fold="bn")
+    q, report = dfmpc.quantize(net, "2/6", fold="next")
+    c = report.compensation["3"]
+    assert torch.isfinite(c).all() and (c >= 0).all() and q[1].weight is None
+
+
+def test_per_channel_ternary_scales_leave_every_c_at_one():
+    """With one ternary scale per output channel, TWN's alpha_j is already the least-squares scale of its codes
+    (a_j = g_j in the closed form), so with lambda_2 = 0 DF-MPC has nothing left to compensate: c_j = 1."""
+    from dfmpc.models import load_model
+
+    model, _ = load_model("resnet20_cifar10_a", pretrained=False)
+    for lambda1 in (0.0, 0.5, 3.0):
+        _, report = dfmpc.quantize(model, "2/6", lambda1=lambda1, lambda2=0.0, granularity="channel")
+        cs = torch.cat(list(report.compensation.values()))
+        assert cs.numel() == 3 * (16 + 32 + 64)  # one c per output channel of the 9 low layers
+        assert torch.allclose(cs, torch.ones_like(cs), atol=1e-5), (lambda1, cs.min(), cs.max())
+    _, report = dfmpc.quantize(model, "2/6", lambda2=0.1, granularity="channel")  # the ridge pulls below 1
+    assert all((c < 1).all() for c in report.compensation.values())
 
 
 def test_surrogate_equals_the_true_pre_activation_error_for_white_inputs():

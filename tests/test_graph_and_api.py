@@ -50,9 +50,23 @@ def test_densenet_pairs_inside_dense_layers():
 
 def test_vgg_chains_pass_through_pooling():
     pairs = find_pairs(get_model("bn_vgg16", pretrained=False))
-    assert ("features.stage1.unit2.conv", "features.stage2.unit1.conv") not in {(p.low, p.high) for p in pairs}
-    assert ("features.stage1.unit1.conv", "features.stage1.unit2.conv") in {(p.low, p.high) for p in pairs}
-    assert any("pool" in " ".join(p.between) for p in pairs) or len(pairs) >= 6
+    found = {(p.low, p.high): p for p in pairs}
+    assert len(pairs) == 7 and all(p.exact for p in pairs)  # 6 conv pairs and fc1 -> fc2; pairs do not overlap
+    assert ("features.stage1.unit2.conv", "features.stage2.unit1.conv") not in found  # unit2 is already paired
+    assert ("features.stage1.unit1.conv", "features.stage1.unit2.conv") in found
+    through_pool = found[("features.stage3.unit3.conv", "features.stage4.unit1.conv")]  # conv -> BN -> ReLU -> pool -> conv
+    assert through_pool.between[-1] == "features.stage3.pool3" and through_pool.bn == "features.stage3.unit3.bn"
+    assert found[("output.fc1.fc", "output.fc2.fc")].between == ("output.fc1.activ", "output.fc1.dropout")
+
+
+def test_overlapping_hand_given_pairs_are_refused():
+    model = torchvision.models.resnet18()
+    with pytest.raises(DfmpcError, match="layer 'layer1.0.conv2' is in two pairs"):
+        dfmpc.quantize(model, "2/6", pairs=[("layer1.0.conv1", "layer1.0.conv2"), ("layer1.0.conv2", "layer1.1.conv1")])
+    with pytest.raises(DfmpcError, match="in two pairs"):
+        dfmpc.quantize(model, "2/6", pairs=[("layer1.0.conv1", "layer1.0.conv2"), ("layer1.0.conv1", "layer1.0.conv2")])
+    _, report = dfmpc.quantize(model, "2/6", pairs=[("layer1.0.conv1", "layer1.0.conv2", "layer1.0.bn1")])
+    assert report.pairs == [("layer1.0.conv1", "layer1.0.conv2")]
 
 
 def test_mobilenetv2_pairs_are_inexact_and_depthwise_multiplier_scales_whole_filters():
@@ -75,7 +89,7 @@ def test_scaling_next_layer_inputs_equals_scaling_the_bn_of_layer_l_on_a_real_bl
     pair = find_pairs(model)[4]
     c = torch.rand(dict(model.named_modules())[pair.low].out_channels) * 2
     x = torch.randn(4, 3, 32, 32)
-    a, b = randomize_bn(get_model("resnet20_cifar10", pretrained=False)), randomize_bn(get_model("resnet20_cifar10", pretrained=False))
+    a, b = (randomize_bn(get_model("resnet20_cifar10", pretrained=False)) for _ in range(2))
     a.load_state_dict(model.state_dict()), b.load_state_dict(model.state_dict())
     with torch.no_grad():
         apply_compensation(a, pair, c, "next")
@@ -212,7 +226,8 @@ def test_fold_equivalence_on_a_pretrained_block_with_real_images(shared):
     from dfmpc.data import load_dataset
     from dfmpc.models import load_model
 
-    model, spec = load_model("resnet20_cifar10_a", weights=str(shared / "data/cifar10/weights/he2016_option_a/resnet20-12fca82f.th"))
+    weights = shared / "data/cifar10/weights/he2016_option_a/resnet20-12fca82f.th"
+    model, spec = load_model("resnet20_cifar10_a", weights=str(weights))
     images = torch.stack([load_dataset("cifar10", shared / "data/cifar10/test_jpeg", spec.eval_transform(), limit=16)[i][0]
                           for i in range(16)])
     q_next, rep = dfmpc.quantize(model, "2/6", lambda1=0.5, fold="next")

@@ -8,11 +8,19 @@ import torch
 from torch import nn
 
 import dfmpc
-from dfmpc.bn_stats import _per_input_channel, input_moments
 from dfmpc.errors import DfmpcError
-from dfmpc.methods.dfmpc_plus import (DFMPCPlus, channel_gain, compensation_from_gain, correlated_cosine,
-                                      correlated_ternary, coupled_gain, coupled_objective, fit_kernel_correlation)
+from dfmpc.methods.dfmpc_plus import (
+    DFMPCPlus,
+    channel_gain,
+    compensation_from_gain,
+    correlated_cosine,
+    correlated_ternary,
+    coupled_gain,
+    coupled_objective,
+    fit_kernel_correlation,
+)
 from dfmpc.methods.omse import mse_optimal_ternary
+from dfmpc.moments import input_moments, per_input_channel
 from dfmpc.quantizers import quantize_weight
 
 
@@ -171,7 +179,8 @@ def test_correlated_ternary_improves_on_its_start_and_no_block_can_do_better(see
     for o in range(6):
         for i in range(3):
             blk = wd[o, i].flatten()
-            err = (1 - rho) * ((blk[None] - alpha[o] * all_codes) ** 2).sum(1) + rho * (blk.sum() - alpha[o] * all_codes.sum(1)) ** 2
+            err = ((1 - rho) * ((blk[None] - alpha[o] * all_codes) ** 2).sum(1)
+                   + rho * (blk.sum() - alpha[o] * all_codes.sum(1)) ** 2)
             ours = q.codes[o, i].double().flatten()
             e = (1 - rho) * ((blk - alpha[o] * ours) ** 2).sum() + rho * (blk.sum() - alpha[o] * ours.sum()) ** 2
             assert e <= err.min() + 1e-9
@@ -226,10 +235,16 @@ def test_without_a_bn_the_gain_goes_into_the_weights_and_the_bias():
         assert torch.allclose(q(x).mean(0), net(x).mean(0), atol=0.03)
 
 
-def test_settings_and_errors():
+def test_settings_are_reported_act_and_are_checked():
     net = _conv_bn()
-    _, report = dfmpc.quantize(net, "2/6", method="dfmpc+", pairs=[], gain="least-squares", correlation=0.3)
+    x = _gaussian_inputs(net, n=64)
+    default, _ = dfmpc.quantize(net, "2/2", method="dfmpc+", pairs=[])
+    q, report = dfmpc.quantize(net, "2/2", method="dfmpc+", pairs=[], gain="least-squares", correlation=0.3)
     assert report.settings["gain"] == "least-squares" and report.settings["correlation"] == 0.3
+    rho0, _ = dfmpc.quantize(net, "2/2", method="dfmpc+", pairs=[], gain="least-squares", correlation=0.0)
+    with torch.no_grad():
+        assert not torch.allclose(q(x), default(x), atol=1e-4)  # the settings reach the model ...
+    assert not torch.equal(q[2].weight, rho0[2].weight)  # ... the correlation changes the ternary codes
     for bad in ({"gain": "x"}, {"weighting": "x"}, {"correlation": 1.5}, {"correlation": "auto"}):
         with pytest.raises(DfmpcError):
             DFMPCPlus("2/6", **bad)
@@ -248,8 +263,47 @@ def test_input_model_untouched_and_deterministic_on_a_resnet():
 
 
 def test_input_variances_drive_the_weighted_variant():
+    """weighting="variance" picks the codes that best fit the filter where the input varies most: its codes
+    have the higher variance-weighted cosine with the full-precision filter in every output channel, the
+    unweighted codes the higher plain cosine, and the two differ."""
     net = _conv_bn()
-    method = DFMPCPlus("2/2", weighting="variance", pairs=[])
-    q, _ = method.apply(net)
-    v = _per_input_channel(net[2], input_moments(net)["2"].var)
-    assert v.shape == (5, 6, 1, 1) and torch.all(v > 0)
+    net[0].running_var.copy_(torch.tensor([0.01, 0.01, 9.0, 9.0, 1.0, 1.0]))
+    v = per_input_channel(net[2], input_moments(net)["2"].var)
+    assert v.shape == (5, 6, 1, 1) and torch.all(v > 0) and v.max() / v.min() > 10
+    weighted, _ = dfmpc.quantize(net, "2/2", method="dfmpc+", pairs=[], weighting="variance", correlation=0.0)
+    plain, _ = dfmpc.quantize(net, "2/2", method="dfmpc+", pairs=[], weighting="none", correlation=0.0)
+    w = net[2].weight.detach().double()
+    vw = torch.broadcast_to(v.double(), w.shape)
+
+    def cosine(q, weights):
+        q = q.detach().double()
+        return (weights * w * q).flatten(1).sum(1) / ((weights * w * w).flatten(1).sum(1)
+                                                      * (weights * q * q).flatten(1).sum(1)).sqrt()
+
+    assert not torch.equal(weighted[2].weight, plain[2].weight)
+    assert torch.all(cosine(weighted[2].weight, vw) >= cosine(plain[2].weight, vw) - 1e-12)
+    ones = torch.ones_like(w)
+    assert torch.all(cosine(plain[2].weight, ones) >= cosine(weighted[2].weight, ones) - 1e-12)
+
+
+def test_dfmpc_plus_reads_no_data(monkeypatch, shared):
+    """Data-free: with every way of reading an image or a data set made to fail, dfmpc+ still quantizes a
+    pretrained ResNet (weights and BN statistics only), and gives the same model as without the trap."""
+    from PIL import Image
+
+    import dfmpc.data
+    from dfmpc.models import load_model
+
+    model, _ = load_model("resnet20_cifar10_a")
+    reference, _ = dfmpc.quantize(model, "2/6", method="dfmpc+")
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("dfmpc+ tried to read data")
+
+    monkeypatch.setattr(dfmpc.data, "load_dataset", no_data)
+    monkeypatch.setattr(Image, "open", no_data)
+    monkeypatch.setattr(torch.utils.data.DataLoader, "__iter__", no_data)
+    monkeypatch.setattr(torch, "load", no_data)
+    q, report = dfmpc.quantize(model, "2/6", method="dfmpc+")
+    assert len(report.pairs) == 9
+    assert all(torch.equal(a, b) for a, b in zip(q.state_dict().values(), reference.state_dict().values()))

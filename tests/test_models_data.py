@@ -14,7 +14,7 @@ import torch
 import torch.fx
 
 from dfmpc.cifar_resnet import CifarResNet, PadShortcut
-from dfmpc.data import default_data_dir, load_dataset
+from dfmpc.data import default_data_dir, load_dataset, repository_root, shared_dir
 from dfmpc.errors import DfmpcError
 from dfmpc.evaluate import evaluate
 from dfmpc.models import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, list_models, load_model
@@ -47,7 +47,7 @@ def test_option_a_pretrained_accuracy(shared_env, name, published_here, limit):
     assert spec.mean == IMAGENET_MEAN and spec.std == IMAGENET_STD and spec.resize is None
     data = load_dataset("cifar10", CIFAR_DIR, transform=spec.eval_transform(), limit=limit, seed=0)
     result = evaluate(model, data, batch_size=250, progress=False)
-    assert result["n"] == limit
+    assert result["images"] == limit
     assert abs(result["top1"] - published_here) < 4.5, result
     assert result["top5"] >= result["top1"]
 
@@ -122,11 +122,31 @@ def test_cache_matches_lazy_dataset():
 
 
 def test_default_data_dir(monkeypatch, tmp_path):
-    monkeypatch.delenv("DFMPC_SHARED", raising=False)
-    assert default_data_dir("cifar10") is None
+    monkeypatch.setenv("DFMPC_SHARED", "none")  # the documented way to ignore the offline folder
+    assert default_data_dir("cifar10") is None and shared_dir() is None
+    (tmp_path / "data").mkdir()
     monkeypatch.setenv("DFMPC_SHARED", str(tmp_path))
     assert default_data_dir("cifar10") == tmp_path / "data/cifar10/test_jpeg"
     assert default_data_dir("imagenet") == tmp_path / "data/imagenet/val_subset"
+
+
+@needs_shared
+def test_shared_folder_is_found_from_any_working_directory(monkeypatch, tmp_path):
+    """Unset: ../shared beside the repository. Relative: from the working directory, else from the
+    repository root -- so DFMPC_SHARED=../shared typed in the root also works in notebooks/."""
+    root = repository_root()
+    assert root is not None and (root / "dfmpc" / "__init__.py").is_file()
+    monkeypatch.delenv("DFMPC_SHARED", raising=False)
+    for cwd in (root, root / "notebooks", tmp_path):
+        monkeypatch.chdir(cwd)
+        assert shared_dir() == (root.parent / "shared").resolve() == SHARED
+    monkeypatch.setenv("DFMPC_SHARED", "../shared")
+    for cwd in (root, root / "notebooks"):
+        monkeypatch.chdir(cwd)
+        assert shared_dir() == SHARED
+    monkeypatch.setenv("DFMPC_SHARED", str(tmp_path / "nowhere"))
+    with pytest.raises(DfmpcError, match="DFMPC_SHARED=.*is not the offline data folder"):
+        default_data_dir("cifar10")
 
 
 def test_evaluate_restores_mode_and_counts(tmp_path):
@@ -134,7 +154,7 @@ def test_evaluate_restores_mode_and_counts(tmp_path):
     images, labels = torch.randn(10, 3, 32, 32), torch.arange(10)
     data = torch.utils.data.TensorDataset(images, labels)
     result = evaluate(model, data, batch_size=4, device="cpu", progress=False)
-    assert model.training and result["n"] == 10
+    assert model.training and result["images"] == 10
     with torch.inference_mode():
         expected = (model.eval()(images).argmax(1) == labels).float().mean().item() * 100
     assert result["top1"] == pytest.approx(expected) and result["top5"] >= result["top1"]
@@ -178,7 +198,7 @@ def test_weights_that_do_not_fit_name_file_and_model(tmp_path):
 
 
 def test_offline_download_tells_to_pass_weights(monkeypatch):
-    monkeypatch.delenv("DFMPC_SHARED", raising=False)
+    monkeypatch.setenv("DFMPC_SHARED", "none")
 
     def offline(*args, **kwargs):
         raise urllib.error.URLError("Name or service not known")

@@ -22,6 +22,8 @@ from ..quantizers import GRANULARITIES, QuantizedTensor, quantize_weight
 from ..report import LayerReport, QuantizationReport
 from ..size import fp32_size_mb, quantized_size_mb
 
+__all__ = ["QuantizationMethod"]
+
 
 class QuantizationMethod:
     name = "base"

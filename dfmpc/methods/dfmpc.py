@@ -13,9 +13,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..compensation import BatchNormStats, _check_lambdas, solve_compensation
+from ..compensation import BatchNormStats, check_lambdas, solve_compensation
 from ..errors import DfmpcError
 from .base import QuantizationMethod
+
+__all__ = ["FOLDS", "input_channel_multiplier", "apply_compensation", "MixedPrecisionCompensation"]
 
 FOLDS = ("next", "bn")
 
@@ -62,7 +64,7 @@ class MixedPrecisionCompensation(QuantizationMethod):
 
     def __init__(self, bits="2/6", lambda1: float = 0.5, lambda2: float = 0.0, fold: str = "next", **kwargs):
         super().__init__(bits, **kwargs)
-        _check_lambdas(lambda1, lambda2)
+        check_lambdas(lambda1, lambda2)
         if fold not in FOLDS:
             raise DfmpcError(f"unknown fold {fold!r}; use one of {', '.join(FOLDS)}")
         self.lambda1, self.lambda2, self.fold = lambda1, lambda2, fold

@@ -4,7 +4,7 @@ Uses nothing but the pretrained model: its weights and the BatchNorm running sta
 chapter "dfmpc+: the statistics that BatchNorm expects" derives every step and checks it numerically; in short, for
 every quantized layer with full-precision weight W (output channel o: filter W_o) and input x:
 
-0. **Input moments from BN** (:mod:`dfmpc.bn_stats`): the mean mu_i and variance v_i of every input
+0. **Input moments from BN** (:mod:`dfmpc.moments`): the mean mu_i and variance v_i of every input
    channel i of the layer, from the BN statistics upstream through Gaussian ReLU moments.
 1. **Codes** that maximise the cosine between the quantized and the full-precision filter, which is
    what is left of the error once the channel's gain is corrected (step 2). Ternary layers with
@@ -38,9 +38,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..bn_stats import _per_input_channel, expected_output_shift, following_batch_norms, input_moments
 from ..errors import DfmpcError
 from ..graph import trace
+from ..moments import expected_output_shift, following_batch_norms, input_moments, per_input_channel
 from ..quantizers import quantize_weight
 from .base import QuantizationMethod
 from .dfq import correct_bias
@@ -120,7 +120,7 @@ def coupled_gain(slope: torch.Tensor, noise: torch.Tensor, w_next: torch.Tensor,
 def _block_variances(layer: nn.Module, var_in: torch.Tensor) -> torch.Tensor:
     """v of the input channel read by slot i of output channel o, shape (O, I/groups) (float64)."""
     w = layer.weight
-    return _per_input_channel(layer, var_in.double()).reshape(w.shape[0], -1)
+    return per_input_channel(layer, var_in.double()).reshape(w.shape[0], -1)
 
 
 def fit_kernel_correlation(layer: nn.Module, var_in: torch.Tensor, bn_var: torch.Tensor, max_rho: float = 0.9) -> float:
@@ -278,7 +278,8 @@ class DFMPCPlus(QuantizationMethod):
         self._stored, self._rho = {}, {}
         for a in plan.layers:
             layer = self._modules[a.name]
-            if a.bits != 2 or self.granularity != "channel" or not isinstance(layer, nn.Conv2d) or layer.weight[0, 0].numel() == 1:
+            if (a.bits != 2 or self.granularity != "channel" or not isinstance(layer, nn.Conv2d)
+                    or layer.weight[0, 0].numel() == 1):
                 continue
             if self.correlation == "fit":
                 bn = self._modules[self._bn[a.name]] if a.name in self._bn else None
@@ -291,7 +292,7 @@ class DFMPCPlus(QuantizationMethod):
         layer = self._modules[name]
         if self.weighting == "none":
             return torch.ones_like(layer.weight, dtype=torch.float64)
-        return torch.broadcast_to(_per_input_channel(layer, self._moments[name].var.double()), layer.weight.shape)
+        return torch.broadcast_to(per_input_channel(layer, self._moments[name].var.double()), layer.weight.shape)
 
     def quantize_layer(self, name, weight, bits):
         rho = self._rho.get(name, 0.0)

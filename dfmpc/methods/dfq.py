@@ -22,7 +22,7 @@ Four steps, in the paper's order, on a copy of the model:
    as in the paper; ``granularity="channel"`` is accepted).
 4. **Bias correction** (their Section 4.2, the analytic, data-free variant): the quantized layer
    computes (W + D) (*) x, whose expected output differs from the full-precision one by D E[x].
-   E[x] comes from the BatchNorm statistics (:mod:`dfmpc.bn_stats`: the preceding BN's beta and
+   E[x] comes from the BatchNorm statistics (:mod:`dfmpc.moments`: the preceding BN's beta and
    gamma through a Gaussian ReLU), and D E[x] is subtracted from the layer's bias. Layers whose input
    comes through a residual sum get E[x] from the same propagation (means of the branches add).
 
@@ -35,8 +35,8 @@ import torch
 from torch import nn
 
 from ..errors import DfmpcError
-from ..bn_stats import expected_output_shift, following_batch_norms, input_moments
 from ..graph import trace
+from ..moments import expected_output_shift, following_batch_norms, input_moments
 from .base import QuantizationMethod
 from .dfmpc import input_channel_multiplier
 

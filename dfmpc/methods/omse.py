@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import DfmpcError
-from ..quantizers import MAX_BITS, MIN_BITS, QuantizedTensor, _check_weight
+from ..quantizers import MAX_BITS, MIN_BITS, QuantizedTensor, check_weight
 from .base import QuantizationMethod
 
 __all__ = ["OptimalClipping", "mse_optimal_ternary", "mse_optimal_uniform", "mse_optimal_quantize",
@@ -54,7 +54,7 @@ def _scale_out(scale: torch.Tensor, granularity: str, dtype) -> torch.Tensor:
 
 def mse_optimal_ternary(w: torch.Tensor, granularity: str = "channel", weights: torch.Tensor | None = None) -> QuantizedTensor:
     """Ternary codes and scale that minimise sum v (w - alpha q)^2 exactly, per channel or per tensor."""
-    _check_weight(w)
+    check_weight(w)
     x = _rows(w.detach().double(), granularity)
     v = _rows(_weights_like(w, weights), granularity)
     a = x.abs()
@@ -103,7 +103,7 @@ def mse_optimal_uniform(w: torch.Tensor, bits: int, granularity: str = "channel"
     that is the smallest error any rescaling of the codes can reach (used by ``dfmpc+``, which
     rescales every channel afterwards anyway).
     """
-    _check_weight(w)
+    check_weight(w)
     if isinstance(bits, bool) or not isinstance(bits, int) or not (3 <= bits <= MAX_BITS):
         raise DfmpcError(f"uniform bits must be an integer in [3, {MAX_BITS}], got {bits!r}")
     if criterion not in ("mse", "cosine"):

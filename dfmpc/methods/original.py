@@ -5,6 +5,8 @@ k-bit, the rest high-bit), with the quantizers' own scales and nothing else: no 
 """
 from .base import QuantizationMethod
 
+__all__ = ["DirectQuantization"]
+
 
 class DirectQuantization(QuantizationMethod):
     name = "original"

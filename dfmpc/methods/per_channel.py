@@ -8,6 +8,8 @@ scales cost 32 bits per output channel (counted in the model size).
 from ..errors import DfmpcError
 from .base import QuantizationMethod
 
+__all__ = ["PerChannelQuantization"]
+
 
 class PerChannelQuantization(QuantizationMethod):
     name = "per-channel"

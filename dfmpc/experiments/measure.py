@@ -1,7 +1,7 @@
-"""Measurements behind the experiment chapters: predictions, feature-map errors, weight histograms, loss surfaces.
+"""Measurements behind the experiment chapters: feature-map errors, weight fits and histograms, loss surfaces.
 
-* :func:`predict` -- one pass over a data set: top-5 classes, labels and cross-entropy per image, from which
-  accuracy, agreement between two models and the mean loss all follow without another pass.
+Accuracy and loss come from the one evaluation loop, :func:`dfmpc.evaluate.predict`.
+
 * :func:`feature_errors` -- relative error of the output of every Conv2d / Linear layer of a quantized model
   against the full-precision one, measured with forward hooks on the same images, in two ways:
   *accumulated* (each model runs on its own activations, so errors of earlier layers propagate) and
@@ -19,13 +19,13 @@ import contextlib
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset, TensorDataset
 
-from .errors import DfmpcError
+from ..errors import DfmpcError
+from ..evaluate import device_of, predict, resolve_device
 
-__all__ = ["predict", "top1", "top5", "agreement", "feature_errors", "weight_fit", "weight_histogram",
+__all__ = ["feature_errors", "weight_fit", "weight_histogram",
            "filter_normalized_directions", "loss_surface", "batch_of"]
 
 WEIGHT_LAYERS = (nn.Conv2d, nn.Linear)
@@ -40,65 +40,6 @@ def _forward_hooks(layers: dict, make_hook):
     finally:
         for h in handles:
             h.remove()
-
-
-def _device(device) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def _home(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-def predict(model: nn.Module, dataset: Dataset, device=None, batch_size: int = 256, progress: bool = False,
-            desc: str = "predict", num_workers: int = 0) -> dict:
-    """Run ``model`` over ``dataset`` of ``(image, label)`` pairs (in order) and keep what the metrics need.
-
-    Returns ``{"top5": LongTensor [N, k], "labels": LongTensor [N], "loss": FloatTensor [N]}`` on the CPU,
-    with k = min(5, classes) and ``loss`` the cross-entropy of every image. The model is left on its
-    device and in its train/eval mode. ``num_workers`` loader processes decode images that are not in memory.
-    """
-    from tqdm import tqdm  # plain text bar: tqdm.auto needs ipywidgets in notebooks
-
-    if len(dataset) == 0:
-        raise DfmpcError("the evaluation data set is empty; check the data folder and --limit")
-    device = _device(device)
-    home, was_training = _home(model), model.training
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=device.type == "cuda")
-    tops, labels, losses = [], [], []
-    try:
-        model.to(device).eval()
-        with torch.inference_mode():
-            for x, y in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
-                x, y = x.to(device), torch.as_tensor(y).to(device)
-                logits = model(x).float()
-                tops.append(logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu())
-                losses.append(F.cross_entropy(logits, y, reduction="none").cpu())
-                labels.append(y.cpu())
-    finally:
-        model.to(home).train(was_training)
-    return {"top5": torch.cat(tops), "labels": torch.cat(labels), "loss": torch.cat(losses)}
-
-
-def top1(pred: dict) -> float:
-    """Top-1 accuracy in % of the output of :func:`predict`."""
-    return 100.0 * (pred["top5"][:, 0] == pred["labels"]).double().mean().item()
-
-
-def top5(pred: dict) -> float:
-    """Top-5 accuracy in %."""
-    return 100.0 * (pred["top5"] == pred["labels"][:, None]).any(dim=1).double().mean().item()
-
-
-def agreement(pred: dict, reference: dict) -> float:
-    """% of images on which two models predict the same top-1 class (not an accuracy: no labels involved)."""
-    if pred["top5"].shape[0] != reference["top5"].shape[0]:
-        raise DfmpcError("agreement needs predictions on the same images")
-    return 100.0 * (pred["top5"][:, 0] == reference["top5"][:, 0]).double().mean().item()
 
 
 def batch_of(dataset: Dataset, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,11 +69,11 @@ def feature_errors(fp_model: nn.Module, q_model: nn.Module, images: torch.Tensor
 
     Norms are summed over all images before the ratio is taken.
     """
-    device = _device(device)
+    device = resolve_device(device)
     fp_layers, q_layers = _weight_layers(fp_model), _weight_layers(q_model)
     if set(fp_layers) != set(q_layers):
         raise DfmpcError("the two models do not have the same Conv2d/Linear layers; pass a model and its quantized copy")
-    homes = (_home(fp_model), _home(q_model))
+    homes = (device_of(fp_model), device_of(q_model))
     modes = (fp_model.training, q_model.training)
     sums = {name: {"ref": 0.0, "acc": 0.0, "loc": 0.0} for name in fp_layers}
     order: list[str] = []
@@ -259,8 +200,8 @@ def loss_surface(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, s
 
     if steps < 2:
         raise DfmpcError(f"a loss surface needs at least 2 steps per axis, got {steps}")
-    device = _device(device)
-    home, was_training = _home(model), model.training
+    device = resolve_device(device)
+    home, was_training = device_of(model), model.training
     params = list(model.parameters())
     origin = [p.detach().clone() for p in params]
     d1, d2 = filter_normalized_directions(model, 2, seed)
@@ -272,21 +213,16 @@ def loss_surface(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, s
         origin = [o.to(device) for o in origin]
         d1 = [d.to(device) for d in d1]
         d2 = [d.to(device) for d in d2]
-        x_all, y_all = images.to(device), labels.to(device)
         grid = [(i, j) for i in range(steps) for j in range(steps)]
+        data = TensorDataset(images, labels)
         with torch.no_grad():
             for i, j in tqdm(grid, desc=desc, unit="point", disable=not progress, leave=False):
                 a, b = float(coords[j]), float(coords[i])
                 for p, o, u, v in zip(params, origin, d1, d2):
                     p.copy_(o + a * u + b * v)
-                total, correct = 0.0, 0
-                for s in range(0, x_all.shape[0], batch_size):
-                    logits = model(x_all[s:s + batch_size]).float()
-                    y = y_all[s:s + batch_size]
-                    total += float(F.cross_entropy(logits, y, reduction="sum"))
-                    correct += int((logits.argmax(dim=1) == y).sum())
-                loss[i][j] = total / x_all.shape[0]
-                acc[i][j] = 100.0 * correct / x_all.shape[0]
+                pred = predict(model, data, device=device, batch_size=batch_size)
+                loss[i][j] = pred.mean_loss()
+                acc[i][j] = pred.top1_accuracy()
     finally:
         with torch.no_grad():
             for p, o in zip(params, origin):

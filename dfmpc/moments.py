@@ -28,9 +28,9 @@ zero padding cuts the kernel, are treated like interior ones).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 import math
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -39,10 +39,43 @@ from torch import fx, nn
 from .errors import DfmpcError
 from .graph import BATCH_NORMS, WEIGHT_LAYERS, trace
 
-__all__ = ["ChannelMoments", "relu_moments", "clip_moments", "input_moments", "following_batch_norms",
+__all__ = ["BatchNormStats", "ChannelMoments", "relu_moments", "clip_moments", "input_moments", "following_batch_norms",
            "expected_output_shift", "weighted_output_energy"]
 
 _SQRT_2PI = math.sqrt(2 * math.pi)
+
+
+@dataclass(frozen=True)
+class BatchNormStats:
+    """The running statistics and affine parameters of the BN after layer l (eval mode)."""
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+    eps: float
+
+    @classmethod
+    def from_module(cls, bn: nn.Module) -> BatchNormStats:
+        if bn.running_mean is None or bn.running_var is None:
+            raise DfmpcError(f"{type(bn).__name__} has no running statistics (track_running_stats=False); "
+                             "DF-MPC needs them: build the model with track_running_stats=True")
+        n = bn.running_mean.numel()
+        weight = bn.weight.detach() if bn.weight is not None else torch.ones(n)
+        bias = bn.bias.detach() if bn.bias is not None else torch.zeros(n)
+        return cls(bn.running_mean.detach(), bn.running_var.detach(), weight, bias, float(bn.eps))
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """s_j = gamma_j / sqrt(sigma_j^2 + eps)."""
+        return self.weight / torch.sqrt(self.var + self.eps)
+
+    def relative_shift_sq(self) -> torch.Tensor:
+        """t_j = b_bar_j^2 / (mu_j^2 + sigma_j^2 + eps), with b_bar_j = beta_j / s_j - mu_j (0 where s_j = 0)."""
+        s = self.scale
+        safe_s = torch.where(s != 0, s, torch.ones_like(s))
+        b_bar = torch.where(s != 0, self.bias / safe_s - self.mean, torch.zeros_like(s))
+        return b_bar**2 / (self.mean**2 + self.var + self.eps)
 
 
 @dataclass(frozen=True)
@@ -277,7 +310,7 @@ def following_batch_norms(model: nn.Module, gm: fx.GraphModule | None = None) ->
     return out
 
 
-def _per_input_channel(layer: nn.Module, vec: torch.Tensor) -> torch.Tensor:
+def per_input_channel(layer: nn.Module, vec: torch.Tensor) -> torch.Tensor:
     """Broadcast a per-input-channel vector to the weight's shape (grouped convolutions included)."""
     w = layer.weight
     if isinstance(layer, nn.Linear):
@@ -291,7 +324,7 @@ def _per_input_channel(layer: nn.Module, vec: torch.Tensor) -> torch.Tensor:
 
 def expected_output_shift(layer: nn.Module, delta: torch.Tensor, moments: ChannelMoments) -> torch.Tensor:
     """E[(delta (*) x)_o] = sum_{i,k} delta_{o,i,k} mu_i for every output channel o (float64)."""
-    mu = _per_input_channel(layer, moments.mean.double())
+    mu = per_input_channel(layer, moments.mean.double())
     return (delta.double() * mu).reshape(delta.shape[0], -1).sum(dim=1)
 
 
@@ -302,5 +335,5 @@ def weighted_output_energy(layer: nn.Module, weight: torch.Tensor, moments: Chan
     ``centred=False`` uses E[x_i^2] instead of Var[x_i].
     """
     v = moments.var if centred else moments.second
-    vb = _per_input_channel(layer, v.double())
+    vb = per_input_channel(layer, v.double())
     return (weight.double() ** 2 * vb).reshape(weight.shape[0], -1).sum(dim=1)

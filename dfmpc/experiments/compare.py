@@ -1,0 +1,140 @@
+"""Every method at every bit width on every model, on the same images: the method comparison.
+
+For each model: evaluate the full-precision model, then for every bit width and every method quantize a
+copy with the method's own default settings (``dfmpc methods`` lists them) and evaluate it on the same
+images; optionally the dfmpc+ ablation (one ingredient changed at a time). Every row carries the method,
+bits, top-1/top-5, agreement with full precision, size in MB and single-thread seconds to quantize.
+
+The view helpers (:func:`pivot`, :func:`figure`, :func:`format_table`, :func:`format_ablation`) take the
+result as :func:`dfmpc.experiments.load_result` returns it.
+"""
+from __future__ import annotations
+
+from ..errors import DfmpcError
+from ..methods import METHODS
+from ..plan import parse_bits
+from ..size import fp32_size_mb
+
+__all__ = ["NAME", "TITLE", "SETTINGS", "ABLATION", "run", "pivot", "figure", "format_table", "format_ablation"]
+
+NAME = "compare"
+TITLE = "Comparison: every method x bit width x model"
+BITS = ["2/6", "3/6", "4/6", "6/6"]
+SETTINGS = {
+    "quick": {"models": ["resnet20_cifar10_a"], "images": 500, "bits": BITS, "methods": list(METHODS),
+              "ablation_models": ["resnet20_cifar10_a"], "ablation_bits": ["2/6"]},
+    "full": {"models": ["resnet20_cifar10_a", "resnet56_cifar10_a", "efficientnet_lite0"], "images": None,
+             "bits": BITS, "methods": list(METHODS), "ablation_models": ["resnet20_cifar10_a", "resnet56_cifar10_a"],
+             "ablation_bits": ["2/6", "3/6"]},
+}
+#: dfmpc+ with one ingredient changed at a time (label -> settings), run at ``ablation_bits``.
+ABLATION = {
+    "dfmpc+": {},
+    "no mean correction": {"mean_correction": False},
+    "least-squares gain (DF-MPC's c)": {"gain": "least-squares"},
+    "variance-matching gain": {"gain": "variance"},
+    "no gain correction": {"gain": "none"},
+    "codes without kernel correlation (rho = 0)": {"correlation": 0.0},
+    "codes weighted by input variances": {"weighting": "variance"},
+    "one scale per tensor": {"granularity": "tensor"},
+}
+
+
+def _row(session, model: str, dataset: str, images, method: str, bits: str, fp, **settings) -> dict:
+    pred, _ = session.predict(model, dataset, images, method, bits, **settings)
+    _, report = session.quantized(model, method, bits, **settings)
+    return {"model": model, "method": method, "bits": bits, **pred.scores(), "agreement_with_fp32": pred.agreement(fp),
+            "size_mb": report.size_mb, "quantize_seconds": report.seconds, "settings": report.settings}
+
+
+def run(session, cfg: dict) -> dict:
+    from tqdm import tqdm
+
+    methods = list(cfg["methods"])
+    for name in methods:
+        if name not in METHODS:
+            raise DfmpcError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    bits = ["{}/{}".format(*parse_bits(b)) for b in cfg["bits"]]
+    ablation_bits = ["{}/{}".format(*parse_bits(b)) for b in cfg["ablation_bits"]]
+    ablation_models = [m for m in cfg["models"] if m in cfg["ablation_models"]]
+    out = {"bits": bits, "methods": {m: METHODS[m].description for m in methods}, "models": [], "rows": [],
+           "ablation": [], "quantize_device": "cpu (1 thread)"}
+    total = len(cfg["models"]) * (1 + len(methods) * len(bits)) + len(ablation_models) * len(ABLATION) * len(ablation_bits)
+    with tqdm(total=total, desc="compare", unit="run", disable=not session.progress, leave=False) as bar:
+        for name in cfg["models"]:
+            model, spec = session.model(name)
+            fp, record = session.predict(name, spec.dataset, cfg["images"])
+            out["models"].append({"model": name, "dataset": spec.dataset, "weights": spec.weights, "data": record,
+                                  "images": record["images"], "fp32": {**fp.scores(), "size_mb": fp32_size_mb(model)}})
+            bar.update(1)
+            for b in bits:
+                for method in methods:
+                    bar.set_postfix_str(f"{name} {b} {method}")
+                    out["rows"].append(_row(session, name, spec.dataset, cfg["images"], method, b, fp))
+                    bar.update(1)
+            for b in ablation_bits if name in ablation_models else ():
+                for label, settings in ABLATION.items():
+                    bar.set_postfix_str(f"{name} {b} ablation: {label}")
+                    row = _row(session, name, spec.dataset, cfg["images"], "dfmpc+", b, fp, **settings)
+                    out["ablation"].append({"variant": label, **row})
+                    bar.update(1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- views
+
+def pivot(data: dict, model: str, field: str = "top1") -> tuple[list[str], list[str], dict]:
+    """(bits, methods, {(bits, method): value}) of one model of a comparison result."""
+    res = data["results"]
+    rows = [r for r in res["rows"] if r["model"] == model]
+    bits = [b for b in res["bits"] if any(r["bits"] == b for r in rows)]
+    methods = [m for m in res["methods"] if any(r["method"] == m for r in rows)]
+    return bits, methods, {(r["bits"], r["method"]): r[field] for r in rows}
+
+
+def figure(data: dict, model: str, bits: str, method: str = "dfmpc+", field: str = "top1",
+           variant: str | None = None) -> float:
+    """One measured value of a comparison: ``field`` of (model, bits, method), or of a dfmpc+ ablation
+    ``variant``. The book checks every figure its text quotes against the JSON with it."""
+    rows = data["results"]["ablation"] if variant is not None else data["results"]["rows"]
+    for r in rows:
+        if r["model"] == model and r["bits"] == bits and r["method"] == method and r.get("variant") == variant:
+            return r[field]
+    what = f"ablation variant {variant!r}" if variant is not None else f"method {method!r}"
+    raise DfmpcError(f"no result for {model} at {bits} with {what} in this comparison")
+
+
+def _aligned(lines: list[list[str]], left: int = 1) -> str:
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return "\n".join("  ".join(v.ljust(w) if i < left else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths)))
+                     for line in lines)
+
+
+def format_ablation(data: dict) -> str:
+    """The dfmpc+ ablation rows: variants down, (model, bits) across, top-1 in %."""
+    rows = data["results"]["ablation"]
+    if not rows:
+        return ""
+    cols = list(dict.fromkeys((r["model"], r["bits"]) for r in rows))
+    cell = {(r["variant"], r["model"], r["bits"]): r["top1"] for r in rows}
+    lines = [["dfmpc+ variant"] + [f"{m} {b}" for m, b in cols]]
+    lines += [[v] + [f"{cell[(v, m, b)]:.2f}" if (v, m, b) in cell else "" for m, b in cols]
+              for v in dict.fromkeys(r["variant"] for r in rows)]
+    return _aligned(lines)
+
+
+def format_table(data: dict, field: str = "top1", fmt: str = "{:.2f}") -> str:
+    """One block per model: bit widths down, methods across, ``field`` in the cells; the best top-1 of a row starred."""
+    blocks = []
+    for entry in data["results"]["models"]:
+        bits, methods, cells = pivot(data, entry["model"], field)
+        head = (f"{entry['model']} on {entry['dataset']} ({entry['images']:,} images), fp32 top-1 "
+                f"{entry['fp32']['top1']:.2f} %, {entry['fp32']['size_mb']:.2f} MB")
+        lines = [["bits"] + methods]
+        for b in bits:
+            values = [cells.get((b, m)) for m in methods]
+            best = max((v for v in values if v is not None), default=None) if field == "top1" else None
+            lines.append([b] + ["" if v is None else fmt.format(v) + ("*" if best is not None and v == best else " ")
+                                for v in values])
+        blocks.append(head + "\n" + _aligned(lines, left=0))
+    return "\n\n".join(blocks)

@@ -1,0 +1,73 @@
+"""Where a number came from: the machine, the library versions and the images, recorded in every result."""
+from __future__ import annotations
+
+import contextlib
+import platform
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..data import default_data_dir
+
+__all__ = ["device_name", "versions", "data_record", "collect_data_records"]
+
+
+def device_name(device: str) -> str:
+    """A human name of ``device``: the GPU's model, or the CPU's from /proc/cpuinfo."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def versions() -> dict:
+    """Versions of dfmpc, Python and the libraries a result depends on (those that are installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"dfmpc": __version__, "python": platform.python_version(), "torch": torch.__version__}
+    for dist in ("torchvision", "pytorchcv", "numpy", "efficientnet-lite-pytorch"):
+        with contextlib.suppress(PackageNotFoundError):
+            out[dist] = version(dist)
+    return out
+
+
+def data_record(dataset: str, directory, available: int, used: int, images, seed: int, fallback) -> dict:
+    """What a measurement was made on: the set, the folder, whether it is the lossy offline copy, how many images."""
+    shared = default_data_dir(dataset)
+    offline = bool(directory and shared and Path(directory).resolve() == shared.resolve())
+    jpeg = dataset == "imagenet" or bool(directory and Path(directory).is_dir() and any(Path(directory).rglob("*.jp*g")))
+    if offline and dataset == "cifar10":
+        desc = "offline copy of the CIFAR-10 test set, stored as JPEG quality 75 (lossy: about 10 points below " \
+               "published accuracies); for relative comparisons only"
+    elif offline and dataset == "imagenet":
+        desc = "offline subset of 1,300 ILSVRC2012 validation images (725 classes, pre-scaled to 227x227); easier " \
+               "than the full validation set (+6 to +7 points); for relative comparisons only"
+    elif dataset == "imagenet":
+        desc = "ImageNet validation images from a local folder"
+    else:
+        desc = f"{dataset} test set (torchvision files, lossless)" if not jpeg else f"{dataset} images from a local folder"
+    return {"dataset": dataset, "path": str(directory) if directory else None, "offline_copy": offline,
+            "jpeg": jpeg, "images": used, "available": available, "limit": images,
+            "selection": "all" if used >= available else f"random subset, seed {seed}",
+            "comparable_to_paper": not offline and not (jpeg and dataset != "imagenet"),
+            "description": desc, "fallback": fallback}
+
+
+def collect_data_records(obj, found: list | None = None) -> list:
+    """Every data record (a dict with 'dataset' and 'selection') inside ``obj``, without duplicates."""
+    found = [] if found is None else found
+    if isinstance(obj, dict):
+        if "dataset" in obj and "selection" in obj:
+            if obj not in found:
+                found.append(obj)
+            return found
+        for v in obj.values():
+            collect_data_records(v, found)
+    elif isinstance(obj, list):
+        for v in obj:
+            collect_data_records(v, found)
+    return found

@@ -1,0 +1,418 @@
+"""The experiments package: measurements, settings, the runner and its JSON, the comparison, the book's results."""
+import itertools
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import dfmpc
+from dfmpc import experiments
+from dfmpc.cifar_resnet import CifarResNet
+from dfmpc.cli import main
+from dfmpc.errors import DfmpcError
+from dfmpc.evaluate import evaluate, predict
+from dfmpc.experiments import book, compare, measure, paper, table34
+from dfmpc.methods import METHODS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _trained_looking_resnet(seed=0):
+    """A ResNet-20 with random weights and non-trivial BN statistics (so that quantization matters)."""
+    torch.manual_seed(seed)
+    model = CifarResNet(depth=20, num_classes=10)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors: one thread is faster (and the quick preset runs single-threaded too)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    g = torch.Generator().manual_seed(1)
+    return TensorDataset(torch.randn(40, 3, 32, 32, generator=g), torch.randint(0, 10, (40,), generator=g))
+
+
+# ----------------------------------------------------------------------------------------------- the one loop
+
+def test_predictions_give_what_evaluate_gives_and_agreement(tiny_data):
+    model = _trained_looking_resnet()
+    pred = predict(model, tiny_data, device="cpu", batch_size=16)
+    ref = evaluate(model, tiny_data, batch_size=7, device="cpu", progress=False)
+    assert pred.top5.shape == (40, 5) and pred.loss.shape == (40,) and len(pred) == 40
+    assert pred.top1_accuracy() == pytest.approx(ref["top1"]) and pred.top5_accuracy() == pytest.approx(ref["top5"])
+    with torch.no_grad():
+        logits = model(torch.stack([x for x, _ in tiny_data]))
+        labels = torch.tensor([int(y) for _, y in tiny_data])
+    assert ref["loss"] == pytest.approx(nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
+    assert pred.top1_accuracy() == pytest.approx(100 * (logits.argmax(1) == labels).double().mean().item())
+    assert pred.agreement(pred) == 100.0
+    other = dfmpc.evaluate.Predictions((pred.top5 + 1) % 10, pred.labels, pred.loss)
+    assert other.agreement(pred) == 0.0
+    with pytest.raises(DfmpcError, match="same images"):
+        other.agreement(dfmpc.evaluate.Predictions(pred.top5[:3], pred.labels[:3], pred.loss[:3]))
+
+
+# ----------------------------------------------------------------------------------------------- analysis
+
+def test_feature_errors_zero_for_a_copy_and_local_equals_accumulated_at_the_first_change(tiny_data):
+    model = _trained_looking_resnet()
+    images = torch.stack([tiny_data[i][0] for i in range(8)])
+    same = measure.feature_errors(model, _trained_looking_resnet(), images, device="cpu")
+    assert len(same) == 20 and all(r["accumulated"] == 0 and r["local"] == 0 for r in same)
+    # change one layer in the middle: nothing before it moves; at it, local == accumulated
+    changed = _trained_looking_resnet()
+    changed.layer2[0].conv1.weight.data.mul_(1.5)
+    rows = measure.feature_errors(model, changed, images, batch_size=3, device="cpu")
+    names = [r["name"] for r in rows]
+    k = names.index("layer2.0.conv1")
+    assert names[0] == "conv1" and names[-1] == "linear"
+    assert all(r["accumulated"] == 0 for r in rows[:k])
+    assert rows[k]["local"] == pytest.approx(0.5, rel=1e-5)  # 1.5 W x - W x = 0.5 W x
+    assert rows[k]["accumulated"] == pytest.approx(rows[k]["local"], rel=1e-5)
+    assert all(r["local"] == 0 for i, r in enumerate(rows) if i != k)  # the others are unchanged layers
+    assert rows[-1]["accumulated"] > 0
+
+
+def test_weight_fit_bounds():
+    w = torch.randn(6, 4, 3, 3)
+    fit = measure.weight_fit(w, 2 * w)
+    assert fit["rel_error"] == pytest.approx(1.0) and fit["best_scale_rel_error"] == pytest.approx(0.0, abs=1e-7)
+    # a filter bank orthogonal to w cannot be rescaled into it
+    q = torch.randn(6, 36)
+    a = w.reshape(6, -1)
+    q = q - (q * a).sum(1, keepdim=True) / (a * a).sum(1, keepdim=True) * a
+    fit = measure.weight_fit(w, q.reshape(w.shape))
+    assert fit["best_scale_rel_error"] == pytest.approx(1.0, abs=1e-6) and fit["cos_mean"] == pytest.approx(0, abs=1e-6)
+    # ternary: the optimum over a per-channel scale is never worse than the quantizer's own scale
+    t = dfmpc.ternary_quantize(w).dequantize()
+    fit = measure.weight_fit(w, t)
+    assert 0 < fit["best_scale_rel_error"] <= fit["rel_error"] < 1
+    with pytest.raises(DfmpcError):
+        measure.weight_fit(torch.zeros(2, 3), torch.ones(2, 3))
+
+
+def test_weight_histogram_counts_everything():
+    w = torch.linspace(-1, 1, 101)
+    h = measure.weight_histogram(w, bins=10)
+    assert sum(h["counts"]) == 101 and len(h["edges"]) == 11 and h["mean"] == pytest.approx(0, abs=1e-8)
+    assert h["distinct"] == 101 and h["edges"][0] == -1.0 and h["edges"][-1] == 1.0
+
+
+def test_filter_normalized_directions():
+    model = _trained_looking_resnet()
+    d1, d2 = measure.filter_normalized_directions(model, 2, seed=3)
+    again, _ = measure.filter_normalized_directions(model, 2, seed=3)
+    for p, u, v, w in zip(model.parameters(), d1, d2, again):
+        assert u.shape == p.shape and torch.equal(u, w)
+        if p.dim() <= 1:
+            assert not u.any()
+        else:
+            norms_d = u.reshape(u.shape[0], -1).norm(dim=1)
+            norms_p = p.detach().reshape(p.shape[0], -1).norm(dim=1)
+            torch.testing.assert_close(norms_d, norms_p, rtol=1e-5, atol=1e-7)
+            assert not torch.equal(u, v)
+
+
+def test_loss_surface_centre_is_the_model_and_weights_are_restored(tiny_data):
+    model = _trained_looking_resnet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images, labels = measure.batch_of(tiny_data, 16)
+    surf = measure.loss_surface(model, images, labels, steps=3, span=0.5, batch_size=5, device="cpu")
+    with torch.no_grad():
+        centre = nn.functional.cross_entropy(model(images), labels).item()
+    assert surf["coords"] == [-0.5, 0.0, 0.5]
+    assert len(surf["loss"]) == 3 and all(len(r) == 3 for r in surf["loss"])
+    assert surf["loss"][1][1] == pytest.approx(centre, rel=1e-5) and surf["center_loss"] == surf["loss"][1][1]
+    assert surf["loss"][0][0] != pytest.approx(centre, rel=1e-3)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with pytest.raises(DfmpcError):
+        measure.loss_surface(model, images, labels, steps=1)
+
+
+# ----------------------------------------------------------------------------------------------- settings
+
+@pytest.mark.parametrize("bits,method,unpaired", [("2/6", "dfmpc", "high"), ("3/6", "dfmpc", "low"),
+                                                   ("4/4", "original", "high"), ("2/6", "original", "fp32")])
+def test_planned_size_equals_the_reported_size(bits, method, unpaired):
+    model = _trained_looking_resnet()
+    _, report = dfmpc.quantize(model, bits, method=method, unpaired=unpaired)
+    assert table34.planned_size_mb(model, bits, method, unpaired=unpaired) == pytest.approx(report.size_mb, rel=1e-12)
+
+
+def test_settings_image_counts_overrides_and_paper_tables():
+    quick = experiments.settings_for("diagnosis", "quick")
+    assert quick["sweep_images"] == 400
+    forced = experiments.settings_for("diagnosis", "quick", 7)
+    assert all(forced[k] == 7 for k in ("layer_images", "sweep_images", "pair_images", "pair_error_images"))
+    assert forced["sweep_bits"] == quick["sweep_bits"]  # only image counts change
+    assert [m["images"] for m in experiments.settings_for("table1", "quick", "all")["models"]] == [None, None]
+    assert all(m["images"] is None for m in experiments.settings_for("table1", "full")["models"])
+    # --set: typed like the preset's value; lists are comma-separated
+    cfg = experiments.settings_for("compare", "quick", overrides={"models": "resnet20_cifar10_a,resnet56_cifar10_a",
+                                                                  "images": "50", "bits": "2/6"})
+    assert cfg["models"] == ["resnet20_cifar10_a", "resnet56_cifar10_a"] and cfg["images"] == 50 and cfg["bits"] == ["2/6"]
+    assert experiments.settings_for("compare", "quick", overrides={"images": "all"})["images"] is None
+    for bad, needle in (({"nope": "1"}, "no setting 'nope'"), ({"images": "many"}, "takes a number")):
+        with pytest.raises(DfmpcError, match=needle):
+            experiments.settings_for("compare", "quick", overrides=bad)
+    for args, needle in ((("table1", "quick", 0), "positive"), (("table9", "quick"), "unknown experiment"),
+                         (("table1", "slow"), "unknown preset")):
+        with pytest.raises(DfmpcError, match=needle):
+            experiments.settings_for(*args)
+    # every experiment has both presets, and the book says which one it shows
+    for name, module in experiments.EXPERIMENTS.items():
+        assert set(module.SETTINGS) == set(experiments.PRESETS) and module.NAME == name and module.TITLE
+        assert experiments.BOOK_PRESETS[name] in experiments.PRESETS
+    # the paper's numbers as printed in its Tables 1-4
+    assert paper.PAPER["table1"]["ResNet56"] == {"fp32": 93.88, "original": 38.03, "dfmpc": 91.05}
+    assert ("ResNet18", "DF-MPC", "2/6", 5.48, 66.46) in paper.PAPER["table3"]
+    assert ("MobileNetV2", "DF-MPC", "6", 2.50, 71.29) in paper.PAPER["table4"]
+    assert len(paper.PAPER["table3"]) == 12 and len(paper.PAPER["table4"]) == 9
+
+
+# ----------------------------------------------------------------------------------------------- runs
+
+def _check_envelope(result, name, images=8):
+    assert result["experiment"] == name and result["schema"] == experiments.SCHEMA
+    assert result["preset"] == "quick" and result["seed"] == 0 and result["images_override"] == images
+    assert result["device"]["device"] == "cpu" and result["device"]["threads"] == 1
+    assert {"dfmpc", "torch", "torchvision", "pytorchcv"} <= set(result["versions"])
+    assert result["title"] == experiments.EXPERIMENTS[name].TITLE
+    json.dumps(result)  # JSON-able as it is
+
+
+def test_run_experiments_writes_one_json_per_experiment(tmp_path, shared):
+    paths = experiments.run_experiments(["table1", "fig4", "fig3"], "quick", tmp_path, images=8, jobs=1,
+                                        command="dfmpc experiments table1 fig4 fig3 --images 8")
+    assert sorted(p.name for p in paths.values()) == ["fig3.json", "fig4.json", "table1.json"]
+    t1 = json.loads((tmp_path / "table1.json").read_text())
+    _check_envelope(t1, "table1")
+    assert t1["command"] == "dfmpc experiments table1 fig4 fig3 --images 8"
+    (data,) = [d for d in t1["data"] if d["dataset"] == "cifar10"]
+    assert data["jpeg"] and data["offline_copy"] and not data["comparable_to_paper"]
+    assert data["images"] == 8 and data["available"] == 10000 and data["limit"] == 8
+    assert data["path"].endswith("cifar10/test_jpeg")
+    rows = {r["model"] or r["paper_model"]: r for r in t1["results"]["rows"]}
+    assert rows["ResNet18"]["status"] == rows["VGG16"]["status"] == "not measured" and rows["VGG16"]["reason"]
+    r56 = rows["resnet56_cifar10_a"]
+    assert r56["status"] == "measured" and r56["paper_model"] == "ResNet56"
+    res = r56["results"]
+    assert set(res) == {"fp32", "original", "dfmpc"}
+    assert res["dfmpc"]["settings"]["lambda1"] == 0.5 and res["dfmpc"]["settings"]["lambda2"] == 0.0
+    assert res["original"]["size_mb"] < res["dfmpc"]["size_mb"] < res["fp32"]["size_mb"] / 4  # c costs a little
+    assert res["dfmpc"]["pairs"] == 27 and res["original"]["images"] == 8
+    assert all(0 <= res[k]["top1"] <= res[k]["top5"] <= 100 for k in res)
+    assert t1["paper"]["ResNet56"]["original"] == 38.03
+    # the same run through load_result, and its one-line description
+    loaded = experiments.load_result("table1", tmp_path)
+    assert loaded == t1
+    assert experiments.describe(loaded) == ("dfmpc experiments table1 --quick --images 8 (seed 0; committed in "
+                                            "book/data/table1.json)")
+    assert "command: dfmpc experiments table1" in book.provenance(loaded)
+    f4 = json.loads((tmp_path / "fig4.json").read_text())
+    _check_envelope(f4, "fig4")
+    layer = f4["results"]["layers"]["layer1.2.conv2"]
+    assert layer["before"]["distinct"] <= 64 < layer["after"]["distinct"]  # 6 bits, then rescaled channels
+    assert sum(layer["before"]["counts"]) == sum(layer["after"]["counts"]) == 16 * 16 * 9
+    assert f4["results"]["high_layer_count"] == 27
+    f3 = json.loads((tmp_path / "fig3.json").read_text())
+    sweep = f3["results"]["sweeps"]["2/6"]
+    assert [r["lambda1"] for r in sweep["lambda1"]] == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    assert [r["lambda2"] for r in sweep["lambda2"]] == [0.0, 0.002, 0.004, 0.006, 0.008, 0.01]
+    # lambda1 = 0.5, lambda2 = 0 is in both sweeps: the same model, the same images, the same accuracy
+    assert sweep["lambda1"][4]["top1"] == sweep["lambda2"][0]["top1"]
+
+
+def test_a_run_is_reproducible(tmp_path, shared):
+    """Deterministic by default: the same experiment twice gives the same results, to the last digit."""
+    a = experiments.run_experiment("fig3", "quick", images=6, overrides={"bits": "3/6", "lambda2": "0"})
+    b = experiments.run_experiment("fig3", "quick", images=6, overrides={"bits": "3/6", "lambda2": "0"})
+    assert a["results"] == b["results"] and a["settings"]["bits"] == ["3/6"]
+
+
+def test_diagnosis_and_fig5_tiny(shared):
+    diag = experiments.run_experiment("diagnosis", "quick", images=8)
+    _check_envelope(diag, "diagnosis")
+    res = diag["results"]
+    errs = res["layers"]["errors"]["original 2/6"]
+    assert errs[0]["name"] == "conv1" and errs[-1]["name"] == "linear" and len(errs) == 56  # 1 + 54 + 1
+    assert {r["role"] for r in errs} == {"low", "high", "unpaired"}
+    low = [r for r in errs if r["role"] == "low"]
+    assert all(r["local"] > 0.1 for r in low)  # a ternary layer is far from its full-precision output
+    assert len(res["pairs"]["rows"]) == 9 and res["pairs"]["rows"][0]["low"] == "layer1.0.conv1"
+    assert len(res["bits"]["rows"]) == 8
+    fit = {(f["model"], f["low_bits"], f["granularity"]): f for f in res["weight_fit"]}
+    for key, f in fit.items():
+        assert 0 < f["best_scale_rel_error_mean"] <= f["rel_error_mean"], key
+    # more bits, smaller weight error
+    r20 = "resnet20_cifar10_a"
+    assert fit[(r20, 4, "tensor")]["rel_error_mean"] < fit[(r20, 2, "tensor")]["rel_error_mean"]
+    fig5 = experiments.run_experiment("fig5", "quick", images=8)
+    surfaces = fig5["results"]["surfaces"]
+    assert set(surfaces) == {"fp32", "original", "dfmpc"}
+    steps = fig5["results"]["steps"]
+    assert all(len(s["loss"]) == steps and all(math.isfinite(v) for row in s["loss"] for v in row)
+               for s in surfaces.values())
+    assert fig5["data"][0]["images"] == 8
+
+
+def test_compare_has_every_cell_and_its_views_read_them(shared):
+    data = experiments.run_experiment("compare", "quick", images=40, overrides={
+        "methods": "original,dfmpc+", "bits": "4/6,2/6", "ablation_bits": "2/6"})
+    res = data["results"]
+    assert res["models"][0]["images"] == 40 and data["seed"] == 0 and "torch" in data["versions"]
+    assert [(r["method"], r["bits"]) for r in res["rows"]] == [("original", "4/6"), ("dfmpc+", "4/6"),
+                                                               ("original", "2/6"), ("dfmpc+", "2/6")]
+    assert all(r["size_mb"] > 0 and r["quantize_seconds"] > 0 and 0 <= r["agreement_with_fp32"] <= 100
+               for r in res["rows"])
+    assert [r["variant"] for r in res["ablation"]] == list(compare.ABLATION)
+    assert "resnet20_cifar10_a" in compare.format_table(data) and "no mean correction" in compare.format_ablation(data)
+    assert compare.figure(data, "resnet20_cifar10_a", "2/6", "original") == res["rows"][2]["top1"]
+    assert compare.figure(data, "resnet20_cifar10_a", "4/6", "dfmpc+", "size_mb") == res["rows"][1]["size_mb"]
+    # the ablation's unchanged variant is the dfmpc+ cell: same deterministic quantization, same images
+    assert compare.figure(data, "resnet20_cifar10_a", "2/6", variant="dfmpc+") == compare.figure(
+        data, "resnet20_cifar10_a", "2/6", "dfmpc+")
+    with pytest.raises(DfmpcError, match="no result for resnet20_cifar10_a at 3/6"):
+        compare.figure(data, "resnet20_cifar10_a", "3/6", "original")
+    with pytest.raises(DfmpcError, match="unknown method"):
+        experiments.run_experiment("compare", "quick", images=4, overrides={"methods": "magic"})
+
+
+def test_load_result_refuses_other_files(tmp_path):
+    (tmp_path / "fig4.json").write_text(json.dumps({"experiment": "fig3", "schema": experiments.SCHEMA}))
+    with pytest.raises(DfmpcError, match="not a schema"):
+        experiments.load_result("fig4", tmp_path)
+    with pytest.raises(DfmpcError, match="not found"):
+        experiments.load_result("table1", tmp_path)
+    (tmp_path / "fig5.json").write_text("{")
+    with pytest.raises(DfmpcError, match="not valid JSON"):
+        experiments.load_result("fig5", tmp_path)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["experiments", "--images", "some"], "--images takes a positive number or 'all'"),
+    (["experiments", "--images", "0"], "positive"),
+    (["experiments", "table1", "table9"], "unknown experiment"),
+    (["experiments", "fig4", "--threads", "0"], "--threads"),
+    (["experiments", "fig4", "--device", "foo"], "unknown device"),
+    (["experiments", "fig4", "--set", "nope"], "KEY=VALUE"),
+    (["experiments", "fig4", "--set", "bins=many"], "takes a number"),
+    (["experiments", "fig4", "--data-dir", "/no/such"], "DATASET=DIR"),
+    (["experiments", "fig4", "--data-dir", "svhn=/tmp"], "unknown data set"),
+    (["experiments", "fig4", "--jobs", "0"], "--jobs"),
+])
+def test_experiments_cli_errors(capsys, tmp_path, argv, needle):
+    code = main(argv + ["--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err and err.count("\n") == 1, err
+
+
+def test_experiments_cli_runs_one_and_lists_all(capsys, tmp_path, shared):
+    assert main(["experiments", "--list"]) == 0
+    listed = capsys.readouterr().out.split("\n")
+    assert [line.split()[0] for line in listed if line] == list(experiments.EXPERIMENTS)
+    code = main(["experiments", "fig4", "--quick", "--out", str(tmp_path), "--no-progress", "--set", "bins=16"])
+    assert code == 0
+    result = json.loads((tmp_path / "fig4.json").read_text())
+    assert result["command"] == f"dfmpc experiments fig4 --quick --out {tmp_path} --no-progress --set bins=16"
+    assert len(result["results"]["layers"]["layer1.2.conv2"]["fp32"]["counts"]) == 16
+    assert "fig4" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_every_experiment_runs_tiny(tmp_path, shared):
+    paths = experiments.run_experiments(None, "quick", tmp_path, images=4)
+    assert set(paths) == set(experiments.EXPERIMENTS)
+    for name, path in paths.items():
+        _check_envelope(json.loads(path.read_text()), name, images=4)
+    t34 = json.loads(paths["table34"].read_text())["results"]
+    sizes = {(r["model"], r["method"]): r for r in t34["sizes"]}
+    assert sizes[("ResNet18", "Full-precision")]["size_mb"] == pytest.approx(44.59, abs=0.005)  # the paper's figure
+    assert sizes[("MobileNetV2", "Full-precision")]["size_mb"] == pytest.approx(13.37, abs=0.005)
+    assert t34["standin"]["status"] == "measured"
+
+
+def test_data_label_and_md_table():
+    rec = {"dataset": "cifar10", "offline_copy": True, "jpeg": True, "images": 400, "available": 10000, "fallback": None}
+    assert experiments.data_label(rec) == "CIFAR-10 test, JPEG copy, 400 of 10,000"
+    real = {"dataset": "imagenet", "offline_copy": False, "jpeg": True, "images": 50000, "available": 50000,
+            "fallback": None}
+    assert experiments.data_label(real) == "ImageNet val, all 50,000"
+    assert experiments.data_label({**rec, "fallback": "no internet"}).endswith("(fallback: the real set was unavailable)")
+    assert experiments.data_label(None) == "weights only (no images)"
+    assert experiments.md_table(["a", "b"], [[1, "x|y"]]).splitlines() == ["| a | b |", "|---|---|", "| 1 | x\\|y |"]
+
+
+# ----------------------------------------------------------------------------------------------- the book's data
+
+BOOK = {name: experiments.load_result(name, ROOT / "book" / "data") for name in experiments.EXPERIMENTS
+        if (ROOT / "book" / "data" / f"{name}.json").is_file()}
+
+
+def test_every_result_the_book_shows_is_committed_with_its_provenance():
+    assert set(BOOK) == set(experiments.EXPERIMENTS), "run: dfmpc experiments --book"
+    for name, result in BOOK.items():
+        assert result["preset"] == experiments.BOOK_PRESETS[name], name
+        assert result["command"].startswith("dfmpc experiments") and result["created"] and result["versions"]["dfmpc"]
+        assert result["settings"] == experiments.settings_for(name, result["preset"], result["images_override"]), (
+            f"book/data/{name}.json was made with other settings than the code's {result['preset']} preset; "
+            "rerun dfmpc experiments --book")
+        for record in result["data"]:
+            assert record["offline_copy"] and record["path"] is not None, (name, record)
+
+
+def test_the_books_comparison_is_whole_and_consistent():
+    """book/data/compare.json (the book's full table) has every model x bits x method cell once, and the
+    ablation's unchanged dfmpc+ row equals the dfmpc+ cell (same deterministic quantization, same images)."""
+    data = BOOK["compare"]
+    cfg = data["settings"]
+    assert cfg["images"] is None and all(e["images"] == e["data"]["available"] for e in data["results"]["models"])
+    cells = [(r["model"], r["bits"], r["method"]) for r in data["results"]["rows"]]
+    assert sorted(cells) == sorted(itertools.product(cfg["models"], cfg["bits"], METHODS))
+    assert [e["model"] for e in data["results"]["models"]] == cfg["models"]
+    for model, bits in {(r["model"], r["bits"]) for r in data["results"]["ablation"]}:
+        assert compare.figure(data, model, bits, variant="dfmpc+") == compare.figure(data, model, bits, "dfmpc+")
+
+
+def test_readme_table_quotes_the_books_comparison():
+    """Every top-1 figure in the README's table is the one in book/data/compare.json, and the
+    "best other baseline" column names the best of the baselines other than original and dfmpc."""
+    data = BOOK["compare"]
+    names = {"ResNet-20": "resnet20_cifar10_a", "ResNet-56": "resnet56_cifar10_a", "EfficientNet-Lite0": "efficientnet_lite0"}
+    others = [m for m in METHODS if m not in ("original", "dfmpc", "dfmpc+")]
+    rows, model = 0, None
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if not line.startswith("| ") or "---" in line or "model (fp32)" in line:
+            continue
+        cells = [c.strip().strip("*") for c in line.strip().strip("|").split("|")]
+        if cells[0]:
+            model = names[cells[0].split(",")[0]]
+            fp32 = float(cells[0].rsplit("(", 1)[1].rstrip(")"))
+            assert fp32 == round(next(e["fp32"]["top1"] for e in data["results"]["models"] if e["model"] == model), 2)
+        bits, best = cells[1], cells[3]
+        best_value, best_method = best.split(" (")
+        best_method = best_method.rstrip(")")
+        quoted = (("original", cells[2]), (best_method, best_value), ("dfmpc", cells[4]), ("dfmpc+", cells[5]))
+        for method, value in quoted:
+            assert float(value) == round(compare.figure(data, model, bits, method), 2), (model, bits, method)
+        assert best_method == max(others, key=lambda m: compare.figure(data, model, bits, m))
+        rows += 1
+    assert rows == len(data["settings"]["models"]) * 3
