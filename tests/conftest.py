@@ -1,11 +1,11 @@
-"""Shared fixtures. The offline data lives in ../shared beside the repository, or where DFMPC_SHARED points."""
-import os
-from pathlib import Path
-
+"""Shared fixtures. The offline data folder is the one dfmpc itself finds ($DFMPC_SHARED, else ../shared beside
+the repository); tests that need it are skipped where there is none (DFMPC_SHARED=none simulates that)."""
 import pytest
 import torch
 
-SHARED = Path(os.environ.get("DFMPC_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
+from dfmpc.data import shared_dir
+
+SHARED = shared_dir()
 
 
 @pytest.fixture(autouse=True)
@@ -14,7 +14,7 @@ def _deterministic():
 
 
 @pytest.fixture(scope="session")
-def shared() -> Path:
-    if not (SHARED / "data").is_dir():
-        pytest.skip(f"offline data folder not found at {SHARED}; set DFMPC_SHARED")
+def shared():
+    if SHARED is None:
+        pytest.skip("offline data folder not found (../shared beside the repository, or $DFMPC_SHARED)")
     return SHARED

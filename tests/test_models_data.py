@@ -5,7 +5,6 @@ repository) and are skipped with a reason when it is absent.
 """
 from __future__ import annotations
 
-import os
 import urllib.error
 from pathlib import Path
 
@@ -19,9 +18,8 @@ from dfmpc.errors import DfmpcError
 from dfmpc.evaluate import evaluate
 from dfmpc.models import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, list_models, load_model
 
-SHARED = Path(os.environ.get("DFMPC_SHARED", Path(__file__).resolve().parents[1] / ".." / "shared")).resolve()
-needs_shared = pytest.mark.skipif(not (SHARED / "data").is_dir(),
-                                  reason=f"offline shared data not found at {SHARED} (set DFMPC_SHARED)")
+SHARED = shared_dir() or Path("/nonexistent/shared")
+needs_shared = pytest.mark.skipif(shared_dir() is None, reason="offline data folder not found (../shared or $DFMPC_SHARED)")
 CIFAR_DIR = SHARED / "data" / "cifar10" / "test_jpeg"
 IMAGENET_DIR = SHARED / "data" / "imagenet" / "val_subset"
 

@@ -3,8 +3,9 @@
     dfmpc experiments [NAME ...] [--quick | --full | --book] [--images N|all] [--out DIR] [--device cuda]
 
 Each experiment is one module of this package with ``NAME``, ``TITLE``, ``SETTINGS`` (one dict per preset),
-``PAPER`` (the paper's own numbers, or None) and ``run(session, settings) -> dict``; :data:`EXPERIMENTS`
-lists them. Adding one means adding its module and one line below (see CONTRIBUTING.md).
+``PAPER`` (the paper's own numbers, or None), ``run(session, settings) -> dict`` and optionally
+``BOOK_PRESET`` (the preset of the result the book shows; default "quick"); :data:`EXPERIMENTS` lists them.
+Adding one means adding its module and its name below (see CONTRIBUTING.md).
 
 Presets:
 
@@ -29,8 +30,9 @@ __all__ = ["EXPERIMENTS", "GROUPS", "BOOK_PRESETS", "PRESETS", "SCHEMA", "Sessio
 EXPERIMENTS = {m.NAME: m for m in (table1, table2, table34, fig3, fig4, fig5, timing, diagnosis, compare)}
 
 #: Experiments that share models and images run in the same process; two processes fill two cores.
+#: (An experiment in no group runs in a process of its own.)
 GROUPS = (("table1", "fig3", "fig4", "diagnosis"), ("compare", "table34", "fig5", "table2", "timing"))
 
 #: The preset of every result the book shows (``book/data/<name>.json``): the comparison on all images,
 #: the paper's experiments in the quick preset (a CPU would need hours for their full grids).
-BOOK_PRESETS = {name: "full" if name == "compare" else "quick" for name in EXPERIMENTS}
+BOOK_PRESETS = {name: getattr(module, "BOOK_PRESET", "quick") for name, module in EXPERIMENTS.items()}

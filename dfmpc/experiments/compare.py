@@ -15,10 +15,11 @@ from ..methods import METHODS
 from ..plan import parse_bits
 from ..size import fp32_size_mb
 
-__all__ = ["NAME", "TITLE", "SETTINGS", "ABLATION", "run", "pivot", "figure", "format_table", "format_ablation"]
+__all__ = ["NAME", "TITLE", "BOOK_PRESET", "SETTINGS", "ABLATION", "run", "pivot", "figure", "format_table", "format_ablation"]
 
 NAME = "compare"
 TITLE = "Comparison: every method x bit width x model"
+BOOK_PRESET = "full"  # the book shows the comparison on all images of the offline sets
 BITS = ["2/6", "3/6", "4/6", "6/6"]
 SETTINGS = {
     "quick": {"models": ["resnet20_cifar10_a"], "images": 500, "bits": BITS, "methods": list(METHODS),

@@ -1,0 +1,42 @@
+"""The code stays as CONTRIBUTING.md describes it: every module has __all__, no private name crosses a module,
+no module is over 400 lines, and the library core holds no experiment code."""
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "dfmpc"
+MODULES = sorted(PACKAGE.rglob("*.py"))
+CORE = [PACKAGE / f"{name}.py" for name in ("quantizers", "compensation", "moments", "graph", "plan", "size", "report",
+                                             "api")] + sorted((PACKAGE / "methods").glob("*.py"))
+
+
+def _ids(paths):
+    return [str(p.relative_to(PACKAGE)) for p in paths]
+
+
+@pytest.mark.parametrize("path", MODULES, ids=_ids(MODULES))
+def test_module_is_small_and_declares_its_interface(path):
+    text = path.read_text()
+    assert len(text.splitlines()) <= 400, f"{path.name} has {len(text.splitlines())} lines; split it"
+    tree = ast.parse(text)
+    names = {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)}
+    assert "__all__" in names, f"{path.name} has no __all__"
+
+
+@pytest.mark.parametrize("path", MODULES, ids=_ids(MODULES))
+def test_no_private_name_is_imported_from_another_module(path):
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ("", "dfmpc") or (
+                isinstance(node, ast.ImportFrom) and node.level > 0):
+            private = [a.name for a in node.names if a.name.startswith("_") and a.name != "__version__"]
+            assert not private, f"{path.name} imports private {private} from {node.module}"
+
+
+@pytest.mark.parametrize("path", CORE, ids=_ids(CORE))
+def test_the_core_holds_no_experiment_code(path):
+    tree = ast.parse(path.read_text())
+    imported = {(n.module or "") for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    banned = {m for m in imported if {"experiments", "data", "evaluate", "models", "cli"} & set(m.split("."))}
+    assert not banned, f"{path.relative_to(PACKAGE)} imports {banned}"
