@@ -24,7 +24,9 @@ from .errors import DfmpcError
 from .methods import METHODS
 from .plan import parse_bits
 
-__all__ = ["main", "build_parser", "method_settings", "format_table"]
+__all__ = ["main", "build_parser", "method_settings", "format_table", "CALIBRATION_IMAGES"]
+
+CALIBRATION_IMAGES = 64  # images of the one train-mode pass that calibrates BN statistics (--random-weights)
 
 
 def _methods(value: str) -> list[str]:
@@ -106,13 +108,13 @@ def method_settings(method: str, args) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = ("method", "bits", "lambda1", "lambda2", "size MB", "top-1 %", "top-5 %", "quantize s")
+    header = ("method", "bits", "lambda1", "lambda2", "size MB", "top-1 %", "top-5 %", "agree %", "quantize s")
     lines = [header]
     for r in rows:
         seconds = "" if r["quantize_seconds"] is None else f"{r['quantize_seconds']:.3f}"
         lams = ["" if r[k] is None else f"{r[k]:g}" for k in ("lambda1", "lambda2")]
         lines.append((r["method"], r["bits"], *lams, f"{r['size_mb']:.2f}", f"{r['top1']:.2f}", f"{r['top5']:.2f}",
-                      seconds))
+                      f"{r['agreement']:.2f}", seconds))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(line, widths)))
                      for line in lines)
@@ -122,8 +124,9 @@ def cmd_quantize(args) -> int:
     import torch
 
     from .api import quantize
+    from .calibration import random_calibrated
     from .data import DATASETS, load_dataset
-    from .evaluate import evaluate, resolve_device
+    from .evaluate import predict, resolve_device
     from .models import load_model
     from .size import fp32_size_mb
 
@@ -136,6 +139,8 @@ def cmd_quantize(args) -> int:
         raise DfmpcError(f"--batch-size must be at least 1, got {args.batch_size}")
     _writable_file(args.json, "--json")
     _writable_file(args.save, "--save")
+    if args.weights is not None and args.random_weights:
+        raise DfmpcError("give either --weights or --random-weights, not both")
     if args.weights is not None and not Path(args.weights).is_file():
         raise DfmpcError(f"weights file {args.weights!r} does not exist; check the --weights path")
     if args.dataset is not None and args.dataset not in DATASETS:
@@ -144,22 +149,28 @@ def cmd_quantize(args) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
-    model, spec = load_model(args.model, weights=args.weights)
+    model, spec = load_model(args.model, weights=args.weights, pretrained=not args.random_weights)
     dataset_name = args.dataset or spec.dataset
-    if dataset_name != spec.dataset:
+    cifar = {"cifar10", "cifar100"}
+    if dataset_name != spec.dataset and not (args.random_weights and {dataset_name, spec.dataset} <= cifar):
         raise DfmpcError(f"model {args.model} classifies {spec.dataset} images, not {dataset_name}; "
                          f"use --dataset {spec.dataset} or another model")
     data_dir = _data_dirs(args.data_dir, dataset_name).get(dataset_name)
-    data = load_dataset(dataset_name, data_dir, transform=spec.eval_transform(),
-                        limit=None if images == "all" else images, seed=args.seed, cache=True,
-                        progress=not args.no_progress)
+    load = dict(name=dataset_name, data_dir=data_dir, transform=spec.eval_transform(), cache=True,
+                progress=not args.no_progress)
+    data = load_dataset(limit=None if images == "all" else images, seed=args.seed, **load)
+    if args.random_weights:  # BN statistics from real images (another seeded subset; it may overlap the evaluated)
+        calibration = load_dataset(limit=CALIBRATION_IMAGES, seed=args.seed + 1, **load).tensors[0]
+        random_calibrated(model, calibration, args.seed)
+        print(f"random weights, BatchNorm statistics calibrated on {len(calibration)} {dataset_name} images: the "
+              "accuracies are meaningless; 'agree %' says how close each quantized model stays to fp32")
 
     def run(net, desc):
-        return evaluate(net, data, batch_size=args.batch_size, device=device, progress=not args.no_progress, desc=desc)
+        return predict(net, data, batch_size=args.batch_size, device=device, progress=not args.no_progress, desc=desc)
 
     fp = run(model, "fp32")
     results = [{"method": "fp32", "bits": "32", "lambda1": None, "lambda2": None, "size_mb": fp32_size_mb(model),
-                "top1": fp["top1"], "top5": fp["top5"], "quantize_seconds": None}]
+                "top1": fp.top1_accuracy(), "top5": fp.top5_accuracy(), "agreement": 100.0, "quantize_seconds": None}]
     saved = None
     for bits in bit_list:
         for method in methods:
@@ -167,10 +178,11 @@ def cmd_quantize(args) -> int:
                 qmodel, report = quantize(model, bits=bits, method=method, **settings)
                 desc = f"{method} {bits}" + ("" if "lambda1" not in settings else
                                              f" l1={settings['lambda1']:g} l2={settings['lambda2']:g}")
-                acc = run(qmodel, desc)
+                pred = run(qmodel, desc)
                 results.append({"method": method, "bits": bits, "lambda1": settings.get("lambda1"),
-                                "lambda2": settings.get("lambda2"), "size_mb": report.size_mb, "top1": acc["top1"],
-                                "top5": acc["top5"], "quantize_seconds": report.seconds})
+                                "lambda2": settings.get("lambda2"), "size_mb": report.size_mb,
+                                "top1": pred.top1_accuracy(), "top5": pred.top5_accuracy(),
+                                "agreement": pred.agreement(fp), "quantize_seconds": report.seconds})
                 if saved is None or (method == "dfmpc" and saved[0] != "dfmpc"):
                     saved = (method, qmodel, report, bits)
 
@@ -178,7 +190,8 @@ def cmd_quantize(args) -> int:
     print(f"{args.model} on {dataset_name} ({n} images{'' if data_dir is None else ' from ' + str(data_dir)})")
     print(format_table(results))
     if args.json:
-        out = {"model": args.model, "dataset": dataset_name, "data_dir": data_dir, "images": n, "device": str(device),
+        out = {"model": args.model, "weights": "random, BN calibrated" if args.random_weights else spec.weights,
+               "dataset": dataset_name, "data_dir": data_dir, "images": n, "device": str(device),
                "seed": args.seed, "version": __version__, "torch": torch.__version__, "results": results}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
@@ -290,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model and evaluate fp32, direct quantization and DF-MPC")
     q.add_argument("--model", required=True, help="a name from `dfmpc models`")
     q.add_argument("--weights", help="local weights file for the model (default: offline copy or download)")
+    q.add_argument("--random-weights", action="store_true",
+                   help=f"random weights with BatchNorm statistics calibrated on {CALIBRATION_IMAGES} real images: runs any "
+                        "model offline (fidelity, not accuracy); a CIFAR-100 model may take --dataset cifar10")
     q.add_argument("--dataset", help="cifar10 | cifar100 | imagenet (default: the model's)")
     q.add_argument("--bits", default="2/6", help="LOW/HIGH with 2 <= LOW <= HIGH <= 8; 2 means ternary (default 2/6); "
                    "a comma-separated list sweeps, e.g. 2/6,3/6")

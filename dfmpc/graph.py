@@ -29,7 +29,8 @@ from torch import fx, nn
 
 from .errors import DfmpcError
 
-__all__ = ["WEIGHT_LAYERS", "BATCH_NORMS", "LayerPair", "trace", "weight_layer_names", "find_pairs", "pairs_from_names"]
+__all__ = ["WEIGHT_LAYERS", "BATCH_NORMS", "LayerPair", "trace", "weight_layer_names", "find_pairs", "adjacent_pairs",
+           "pairs_from_names"]
 
 WEIGHT_LAYERS = (nn.Conv2d, nn.Linear)
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -54,14 +55,15 @@ class LayerPair:
 
 
 class _LayerTracer(fx.Tracer):
-    """Keeps every Conv2d / Linear / BatchNorm a leaf, subclasses defined outside torch.nn included.
+    """Keeps every Conv2d / Linear / BatchNorm / Hardtanh a leaf, subclasses defined outside torch.nn included.
 
     The default tracer only keeps torch.nn's own classes as leaves: a library's ``Conv2d`` subclass
     (EfficientNet-Lite's "same"-padding conv, say) would be traced into a bare conv2d call.
     """
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, WEIGHT_LAYERS + BATCH_NORMS) or super().is_leaf_module(m, qualname)
+        # Hardtanh subclasses too: dfq's per-channel clip (a ReLU6 after equalization) stays one node
+        return isinstance(m, WEIGHT_LAYERS + BATCH_NORMS + (nn.Hardtanh,)) or super().is_leaf_module(m, qualname)
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
@@ -155,6 +157,16 @@ def find_pairs(model: nn.Module, gm: fx.GraphModule | None = None) -> list[Layer
             pairs.append(pair)
             used.update((pair.low, pair.high))
     return pairs
+
+
+def adjacent_pairs(model: nn.Module, gm: fx.GraphModule | None = None) -> list[LayerPair]:
+    """Every chain layer -> [BN] -> channel-wise ops -> layer of ``model``, overlapping ones included.
+
+    :func:`find_pairs` keeps a layer in at most one pair (the mixed-precision plan); cross-layer
+    equalization (DFQ) wants every such chain: in expand -> depthwise -> project it equalizes both links.
+    """
+    gm = gm if gm is not None else trace(model)
+    return [p for p in (_partner(gm, n) for n in gm.graph.nodes if _is_weight_layer(gm, n)) if p is not None]
 
 
 def pairs_from_names(model: nn.Module, names) -> list[LayerPair]:

@@ -61,7 +61,7 @@ _PYTORCHCV = ["resnet20_cifar10", "resnet20_cifar100", "resnet56_cifar10", "resn
               "resnet110_cifar10", "resnet110_cifar100", "resnet18", "resnet50", "resnet101",
               "densenet121", "mobilenetv2_w1", "bn_vgg16"]
 _TORCHVISION = ["tv_resnet18", "tv_resnet50", "tv_mobilenet_v2", "tv_densenet121", "tv_vgg16_bn"]
-_OTHER = ["chenyaofo_resnet56_cifar100", "efficientnet_lite0"]
+_OTHER = ["chenyaofo_resnet56_cifar100", "efficientnet_lite0", "efficientnet_lite2"]
 _CIFAR_CLASSES = {"cifar10": 10, "cifar100": 100}
 
 

@@ -1,46 +1,36 @@
-r"""What the BatchNorm statistics say about every layer's input: data-free per-channel moments.
+r"""What the BatchNorm statistics say about a layer's input: data-free per-channel moments, and what they give.
 
 A trained network carries a record of its activations: every BatchNorm's running mean mu_j and
 running variance sigma_j^2 are the mean and variance of channel j of its input over the training
 data. The BN's output z_j = gamma_j (x_j - mu_j) / sqrt(sigma_j^2 + eps) + beta_j therefore has mean
 beta_j and variance gamma_j^2 sigma_j^2 / (sigma_j^2 + eps). With one further assumption -- z_j is
-Gaussian -- the moments of everything up to the next weight layer follow in closed form:
+Gaussian -- the moments after an activation follow:
 
 * ReLU:  E[relu z] = m Phi(a) + s phi(a),  E[relu(z)^2] = (m^2 + s^2) Phi(a) + m s phi(a),  a = m / s
   (z ~ N(m, s^2); Phi, phi: standard normal CDF and density);
 * ReLU6 / Hardtanh(lo, hi): clip(z, 0, h) = relu(z) - relu(z - h), clip^2 = relu(z)^2 - relu(z-h)^2
   - 2 h relu(z - h), so the clipped moments are differences of rectified ones;
-* a residual sum of two branches: means add, variances add (the branches are taken as independent);
-* channel-structural ops (identity, dropout, average pooling, flatten, indexing, channel padding,
-  concatenation): the op applied to the vector of means and to the vector of variances; average
-  pooling keeps the variance (an upper bound: pixels are taken as perfectly correlated);
-* a weight layer that is not followed by a BN (e.g. the classifier): mean W mu + b, variance
-  sum W^2 v (inputs taken as independent); the network's input has mean 0 and variance 1 per channel
-  (it is normalised).
+* LeakyReLU(a): relu(z) - a relu(-z), whose two parts never overlap;
+* any other elementwise activation f (SiLU, GELU, sigmoid, ...): E f(z) and E f(z)^2 by Gauss-Hermite
+  quadrature (:func:`activation_moments`).
 
-:func:`input_moments` runs this propagation once over the ``torch.fx`` graph of a full-precision
-model and returns, for every Conv2d / Linear layer, the mean and variance of each of its input
-channels. Nothing but the model's own parameters and buffers is used.
-
-:func:`expected_output_shift` turns those moments into the expected change of a layer's output
-when its weight W is replaced by W + D: E[D (*) x]_o = sum_{i,k} D_{o,i,k} mu_i (border pixels, where
-zero padding cuts the kernel, are treated like interior ones).
+:mod:`dfmpc.propagation` carries these moments through a whole network's graph. Here also:
+:class:`BatchNormStats` (what one BN records), :func:`expected_output_shift` (the expected change of a
+layer's output when its weight W is replaced by W + D: E[D (*) x]_o = sum_{i,k} D_{o,i,k} mu_i, border
+pixels treated like interior ones) and :func:`weighted_output_energy`.
 """
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch import fx, nn
+from torch import nn
 
 from .errors import DfmpcError
-from .graph import BATCH_NORMS, WEIGHT_LAYERS, trace
 
-__all__ = ["BatchNormStats", "ChannelMoments", "relu_moments", "clip_moments", "input_moments", "following_batch_norms",
-           "expected_output_shift", "weighted_output_energy"]
+__all__ = ["BatchNormStats", "ChannelMoments", "relu_moments", "clip_moments", "leaky_relu_moments", "activation_moments",
+           "per_input_channel", "expected_output_shift", "weighted_output_energy"]
 
 _SQRT_2PI = math.sqrt(2 * math.pi)
 
@@ -114,200 +104,51 @@ def relu_moments(mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, t
     return first, (second - first**2).clamp(min=0)
 
 
-def clip_moments(mean: torch.Tensor, var: torch.Tensor, lo: float, hi: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and variance of clip(z, lo, hi) for z ~ N(mean, var), lo < hi finite (ReLU6: 0, 6)."""
-    if not lo < hi:
-        raise DfmpcError(f"clip bounds must satisfy lo < hi, got {lo}, {hi}")
+def clip_moments(mean: torch.Tensor, var: torch.Tensor, lo, hi) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of clip(z, lo, hi) for z ~ N(mean, var), lo < hi finite (ReLU6: 0, 6); the bounds may
+    be tensors that broadcast with ``mean`` (one clip range per channel)."""
+    lo, hi = torch.as_tensor(lo, dtype=torch.float64), torch.as_tensor(hi, dtype=torch.float64)
+    if not bool((lo < hi).all()):
+        raise DfmpcError(f"clip bounds must satisfy lo < hi, got {lo.tolist()}, {hi.tolist()}")
     h = hi - lo
     m = mean.double() - lo
     r1, r2 = _relu_raw(m, var)
     t1, t2 = _relu_raw(m - h, var)
     first = r1 - t1
     second = r2 - t2 - 2 * h * t1
-    first_out = first + lo
-    return first_out, (second - first**2).clamp(min=0)
+    return first + lo, (second - first**2).clamp(min=0)
 
 
-class _Mom:
-    """Moments carried through the graph: mean and variance shaped like a batch-1 activation with 1x1 maps."""
-
-    __slots__ = ("mean", "var")
-
-    def __init__(self, mean: torch.Tensor, var: torch.Tensor):
-        self.mean, self.var = mean, var
-
-
-def _channel_vector(t: torch.Tensor) -> torch.Tensor:
-    """(1, C, 1, 1) or (1, C) -> (C,)."""
-    return t.reshape(t.shape[0], t.shape[1], -1).mean(dim=2)[0] if t.dim() > 2 else t[0]
+def leaky_relu_moments(mean: torch.Tensor, var: torch.Tensor, slope: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of leaky_relu(z) = relu(z) - slope relu(-z) for z ~ N(mean, var): the two parts are
+    never both non-zero, so E[f^2] = E[relu(z)^2] + slope^2 E[relu(-z)^2]."""
+    p1, p2 = _relu_raw(mean, var)
+    n1, n2 = _relu_raw(-mean.double(), var)
+    first = p1 - slope * n1
+    return first, (p2 + slope**2 * n2 - first**2).clamp(min=0)
 
 
-def _as_map(vec: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return vec.reshape(1, -1, *([1] * (like.dim() - 2)))
+_HERMITE_POINTS = 64
 
 
-def _weight_layer(mod: nn.Module, x: _Mom) -> _Mom:
-    w = mod.weight.detach().double()
-    b = mod.bias.detach().double() if getattr(mod, "bias", None) is not None else None
-    if isinstance(mod, nn.Linear):
-        mean = x.mean @ w.T + (b if b is not None else 0)
-        var = x.var @ (w * w).T
-        return _Mom(mean, var)
-    # Conv: a 1x1 map sees the kernel summed over its taps (interior pixels; stride and padding drop out).
-    k1 = w.sum(dim=tuple(range(2, w.dim())), keepdim=True)
-    k2 = (w * w).sum(dim=tuple(range(2, w.dim())), keepdim=True)
-    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[w.dim() - 2]
-    mean = conv(x.mean, k1, b, groups=mod.groups)
-    var = conv(x.var, k2, None, groups=mod.groups)
-    return _Mom(mean, var)
+def activation_moments(f, mean: torch.Tensor, var: torch.Tensor, points: int = _HERMITE_POINTS
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of f(z) for z ~ N(mean, var), elementwise, for any elementwise function f.
 
-
-def _batch_norm(mod: nn.Module, x: _Mom) -> _Mom:
-    if mod.running_mean is None or mod.running_var is None:
-        raise DfmpcError(f"{type(mod).__name__} has no running statistics; data-free moments need them "
-                         "(build the model with track_running_stats=True)")
-    n = mod.running_var.numel()
-    gamma = mod.weight.detach().double() if mod.weight is not None else torch.ones(n, dtype=torch.float64)
-    beta = mod.bias.detach().double() if mod.bias is not None else torch.zeros(n, dtype=torch.float64)
-    var = mod.running_var.detach().double()
-    out_var = gamma**2 * var / (var + mod.eps)
-    return _Mom(_as_map(beta, x.mean), _as_map(out_var, x.mean))
-
-
-def _activation(kind: str, x: _Mom, lo: float = 0.0, hi: float = 6.0) -> _Mom:
-    if kind == "relu":
-        m, v = relu_moments(x.mean, x.var)
-    else:
-        m, v = clip_moments(x.mean, x.var, lo, hi)
-    return _Mom(m, v)
-
-
-def _add(a, b):
-    if isinstance(a, _Mom) and isinstance(b, _Mom):
-        return _Mom(a.mean + b.mean, a.var + b.var)
-    mom, const = (a, b) if isinstance(a, _Mom) else (b, a)
-    return _Mom(mom.mean + const, mom.var)
-
-
-def _mul(a, b):
-    if isinstance(a, _Mom) and isinstance(b, _Mom):  # independent factors
-        return _Mom(a.mean * b.mean, a.var * b.var + a.var * b.mean**2 + b.var * a.mean**2)
-    mom, const = (a, b) if isinstance(a, _Mom) else (b, a)
-    return _Mom(mom.mean * const, mom.var * const**2)
-
-
-_RELU_FUNCTIONS = {F.relu, torch.relu}
-_ADD = {operator.add, operator.iadd, torch.add}
-_MUL = {operator.mul, operator.imul, torch.mul}
-
-
-def _structural(fn, args, kwargs):
-    """Apply a channel-structural op to the means and, separately, to the variances."""
-    def pick(obj, field):
-        if isinstance(obj, _Mom):
-            return getattr(obj, field)
-        if isinstance(obj, (list, tuple)):
-            return type(obj)(pick(o, field) for o in obj)
-        if isinstance(obj, dict):
-            return {k: pick(v, field) for k, v in obj.items()}
-        return obj
-
-    mean = fn(*pick(args, "mean"), **pick(kwargs, "mean"))
-    var = fn(*pick(args, "var"), **pick(kwargs, "var"))
-    if isinstance(mean, torch.Tensor):
-        return _Mom(mean, var)
-    return mean  # e.g. x.size(0): no moments
-
-
-def _run(model: nn.Module, gm: fx.GraphModule, in_channels: int, input_mean: float, input_var: float):
-    env: dict[fx.Node, object] = {}
-    record: dict[str, ChannelMoments] = {}
-    modules = dict(gm.named_modules())
-
-    def load(a):
-        return fx.node.map_arg(a, lambda n: env[n])
-
-    for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            shape = (1, in_channels, 1, 1)
-            env[node] = _Mom(torch.full(shape, float(input_mean), dtype=torch.float64),
-                             torch.full(shape, float(input_var), dtype=torch.float64))
-            continue
-        if node.op == "output":
-            break
-        if node.op == "get_attr":
-            env[node] = operator.attrgetter(node.target)(gm)
-            continue
-        args, kwargs = load(node.args), load(node.kwargs)
-        if node.op == "call_module":
-            mod = modules[node.target]
-            x = args[0]
-            if isinstance(mod, WEIGHT_LAYERS):
-                record[node.target] = ChannelMoments(_channel_vector(x.mean).clone(), _channel_vector(x.var).clone())
-                env[node] = _weight_layer(mod, x)
-            elif isinstance(mod, BATCH_NORMS):
-                env[node] = _batch_norm(mod, x)
-            elif isinstance(mod, nn.ReLU):
-                env[node] = _activation("relu", x)
-            elif isinstance(mod, nn.Hardtanh):  # ReLU6 is Hardtanh(0, 6)
-                env[node] = _activation("clip", x, mod.min_val, mod.max_val)
-            else:  # identity, dropout, pooling, flatten, padding, ... : structural
-                env[node] = _structural(mod, args, kwargs)
-        elif node.op == "call_function":
-            fn = node.target
-            if fn in _RELU_FUNCTIONS:
-                env[node] = _activation("relu", args[0])
-            elif fn is F.relu6:
-                env[node] = _activation("clip", args[0], 0.0, 6.0)
-            elif fn in _ADD and any(isinstance(a, _Mom) for a in args[:2]):
-                env[node] = _add(args[0], args[1])
-            elif fn in _MUL and any(isinstance(a, _Mom) for a in args[:2]):
-                env[node] = _mul(args[0], args[1])
-            else:
-                env[node] = _structural(fn, args, kwargs)
-        elif node.op == "call_method":
-            self_obj = args[0]
-            if node.target in ("relu", "relu_"):
-                env[node] = _activation("relu", self_obj)
-            elif node.target in ("add", "add_") and isinstance(self_obj, _Mom):
-                env[node] = _add(self_obj, args[1])
-            elif isinstance(self_obj, _Mom):
-                env[node] = _structural(lambda t, *a, **k: getattr(t, node.target)(*a, **k), args, kwargs)
-            else:
-                env[node] = getattr(self_obj, node.target)(*args[1:], **kwargs)
-    return record
-
-
-def _input_channels(model: nn.Module, gm: fx.GraphModule) -> int:
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), WEIGHT_LAYERS):
-            mod = gm.get_submodule(node.target)
-            return mod.in_channels if isinstance(mod, nn.Conv2d) else mod.in_features
-    raise DfmpcError(f"{type(model).__name__} has no Conv2d or Linear layer")
-
-
-def input_moments(model: nn.Module, input_mean: float = 0.0, input_var: float = 1.0) -> dict[str, ChannelMoments]:
-    """Data-free mean and variance of every input channel of every Conv2d / Linear layer of ``model``.
-
-    Propagates per-channel Gaussian moments through the ``torch.fx`` graph (module docstring), with the
-    network input taken as ``input_mean`` / ``input_var`` per channel. Returns layer name -> moments.
+    Gauss-Hermite quadrature: E g(z) = sum_i w_i g(mean + sqrt(var) x_i) / sqrt(2 pi) with the ``points``
+    nodes x_i and weights w_i of the probabilists' Hermite polynomials; exact for polynomials of degree
+    below 2 * points, and within 1e-6 of Monte Carlo for the smooth activations (SiLU, GELU, sigmoid, tanh).
     """
-    with torch.no_grad():
-        gm = trace(model)
-        return _run(model, gm, _input_channels(model, gm), input_mean, input_var)
+    import numpy as np
 
-
-def following_batch_norms(model: nn.Module, gm: fx.GraphModule | None = None) -> dict[str, str]:
-    """Weight layer name -> name of the BatchNorm that is the only user of its output (where there is one)."""
-    gm = gm if gm is not None else trace(model)
-    out = {}
-    for node in gm.graph.nodes:
-        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), WEIGHT_LAYERS):
-            continue
-        users = list(node.users)
-        if len(users) == 1 and users[0].op == "call_module" and isinstance(gm.get_submodule(users[0].target), BATCH_NORMS):
-            out[node.target] = users[0].target
-    return out
+    x, w = np.polynomial.hermite_e.hermegauss(points)
+    x = torch.tensor(x, dtype=torch.float64)
+    w = torch.tensor(w, dtype=torch.float64) / math.sqrt(2 * math.pi)
+    m, s = mean.double()[..., None], var.double().clamp(min=0).sqrt()[..., None]
+    values = f(m + s * x).double()
+    first = (values * w).sum(-1)
+    second = (values**2 * w).sum(-1)
+    return first, (second - first**2).clamp(min=0)
 
 
 def per_input_channel(layer: nn.Module, vec: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,8 @@ def test_quantize_writes_the_documented_json(capsys, tmp_path, shared):
     rows = data["results"]
     assert [r["method"] for r in rows] == ["fp32", "original", "dfmpc", "dfmpc", "original", "dfmpc", "dfmpc"]
     for r in rows:
-        assert set(r) == {"method", "bits", "lambda1", "lambda2", "size_mb", "top1", "top5", "quantize_seconds"}
+        assert set(r) == {"method", "bits", "lambda1", "lambda2", "size_mb", "top1", "top5", "agreement", "quantize_seconds"}
+        assert 0 <= r["agreement"] <= 100
         assert 0 <= r["top1"] <= r["top5"] <= 100
     assert rows[0]["top1"] > 60  # full precision on real images (81 % on all 10,000)
     assert rows[2]["lambda1"] == 0 and rows[3]["lambda1"] == 0.5

@@ -11,11 +11,12 @@ import dfmpc
 from dfmpc.cli import main
 from dfmpc.errors import DfmpcError
 from dfmpc.methods import METHODS
-from dfmpc.methods.dfq import DataFreeQuantization, equalize_pair, fold_batch_norm, input_channel_absmax
+from dfmpc.methods.dfq import RELU6_MODES, ChannelClip, DataFreeQuantization, equalize_pair, fold_batch_norm, input_channel_absmax
 from dfmpc.methods.omse import OptimalClipping, mse_optimal_ternary, mse_optimal_uniform, weighted_quantization_error
 from dfmpc.methods.per_channel import PerChannelQuantization
-from dfmpc.moments import clip_moments, expected_output_shift, following_batch_norms, input_moments, relu_moments
+from dfmpc.moments import clip_moments, expected_output_shift, relu_moments
 from dfmpc.plan import plan_layers
+from dfmpc.propagation import following_batch_norms, input_moments
 from dfmpc.quantizers import quantize_weight
 
 EXPECTED = ["original", "per-channel", "dfq", "omse", "dfmpc", "dfmpc+"]
@@ -250,20 +251,26 @@ def test_dfq_bias_correction_removes_the_expected_output_shift():
     assert torch.allclose(corrected, fp, atol=0.05)
 
 
-def test_dfq_relu6_is_kept_by_default_and_replaced_on_request():
+def test_dfq_relu6_is_clipped_per_channel_by_default_kept_or_replaced_on_request():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=False), _bn(6, 0), nn.ReLU6(),
                         nn.Conv2d(6, 4, 3, padding=1)).eval()
-    x = torch.randn(2, 3, 6, 6)
-    keep = copy.deepcopy(net)
     with torch.no_grad():
-        DataFreeQuantization("2/6").prepare(keep, plan_layers(keep, "2/6"))
-        assert isinstance(keep[2], nn.ReLU6) and torch.allclose(keep(x), net(x), atol=1e-5)
-        relu = copy.deepcopy(net)
-        DataFreeQuantization("2/6", relu6="relu").prepare(relu, plan_layers(relu, "2/6"))
-    assert isinstance(relu[2], nn.ReLU)
-    assert (relu[3].weight != keep[3].weight).any()  # the pair was equalized only after the replacement
-    with pytest.raises(DfmpcError):
+        net[1].bias.fill_(4.0)  # pre-activations reach the clip at 6
+    x = torch.randn(64, 3, 6, 6)
+    done = {}
+    with torch.no_grad():
+        for mode in RELU6_MODES:
+            done[mode] = copy.deepcopy(net)
+            DataFreeQuantization("2/6", relu6=mode).prepare(done[mode], plan_layers(done[mode], "2/6"))
+        assert isinstance(done["keep"][2], nn.ReLU6) and torch.allclose(done["keep"](x), net(x), atol=1e-5)
+        clip = done["clip"][2]
+        assert isinstance(clip, ChannelClip) and not torch.allclose(clip.max_val, torch.full_like(clip.max_val, 6.0))
+        assert torch.allclose(done["clip"](x), net(x), atol=1e-4)  # equalized across the clip, exactly
+        assert isinstance(done["relu"][2], nn.ReLU)
+        assert not torch.allclose(done["relu"](x), net(x), atol=1e-2)  # ReLU instead of ReLU6: another network
+    assert (done["clip"][3].weight != done["keep"][3].weight).any()  # the pair was equalized
+    with pytest.raises(DfmpcError, match="unknown relu6"):
         DataFreeQuantization("2/6", relu6="nope")
 
 
@@ -350,3 +357,59 @@ def test_omse_method_uses_optimal_channel_scales():
         e_omse = ((dict(q.named_modules())[name].weight - w) ** 2).sum()
         e_paper = ((dict(paper.named_modules())[name].weight - w) ** 2).sum()
         assert e_omse <= e_paper + 1e-9
+
+
+# --------------------------------------------------------------------------- the baselines at their published strength
+
+def test_dfq_equalization_across_relu6_is_exact_on_efficientnet_lite0(shared):
+    """DFQ's first claim on the network it was made for: equalization (here across ReLU6, with per-channel clip
+    bounds, and through the ReLU6 module that EfficientNet-Lite's blocks share) leaves the fp32 output as it was."""
+    from dfmpc.data import load_dataset
+    from dfmpc.models import load_model
+
+    model, spec = load_model("efficientnet_lite0")
+    x = load_dataset("imagenet", transform=spec.eval_transform(), limit=4, seed=0, cache=True, progress=False).tensors[0]
+    method = DataFreeQuantization("6/6")
+    with torch.no_grad():
+        prepared = method.prepare(copy.deepcopy(model), plan_layers(model, "6/6", require_pairs=False))
+        ref, out = model(x), prepared(x)
+    clips = [m for m in prepared.modules() if isinstance(m, ChannelClip)]
+    assert len(clips) > 30 and any(not torch.all(c.max_val == 6) for c in clips)
+    assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-4
+    assert all(isinstance(m, type(n)) for m, n in zip(model.modules(), load_model("efficientnet_lite0")[0].modules()))
+
+
+def test_dfq_bias_correction_predicts_the_measured_shift(shared):
+    """DFQ's second claim: D E[x] from the BN statistics is the bias that quantization adds, layer by layer."""
+    from dfmpc.data import load_dataset
+    from dfmpc.experiments.baselines import _dfq_checks
+    from dfmpc.models import load_model
+
+    model, spec = load_model("resnet20_cifar10_a")
+    data = load_dataset("cifar10", transform=spec.eval_transform(), limit=64, seed=0, cache=True, progress=False)
+    checks = _dfq_checks(model, *data.tensors)
+    assert checks["equalized_clip"]["max_rel_logit_change"] < 1e-5
+    assert checks["bias_correction"]["median_corr"] > 0.9 and checks["bias_correction"]["median_rel_error"] < 0.5
+
+
+def test_the_books_baselines_are_at_their_published_strength():
+    """What book/data/baselines.json measured (all images of the offline sets): every baseline within a point of
+    fp32 at 8/8, DFQ at least as accurate as direct per-tensor quantization at 6/6 and 4/6 on EfficientNet-Lite0
+    and -Lite2, equalization exact, and OMSE's weight error never above per-channel max scaling."""
+    from pathlib import Path
+
+    from dfmpc.experiments import load_result
+
+    result = load_result("baselines", Path(__file__).resolve().parents[1] / "book" / "data")
+    assert result["settings"]["images"] is None
+    models = {m["model"]: m for m in result["results"]["models"]}
+    assert {"resnet20_cifar10_a", "resnet56_cifar10_a", "efficientnet_lite0", "efficientnet_lite2"} <= set(models)
+    for name, m in models.items():
+        rows = {(r["method"], r["bits"]): r["top1"] for r in m["rows"]}
+        for method in ("original", "per-channel", "dfq", "omse"):
+            assert rows[(method, "8/8")] >= m["fp32"]["top1"] - 1.0, (name, method)
+        if name.startswith("efficientnet"):
+            for bits in ("6/6", "4/6"):
+                assert rows[("dfq", bits)] >= rows[("original", bits)], (name, bits)
+        assert m["dfq_checks"]["equalized_clip"]["max_rel_logit_change"] < 1e-4
+        assert all(c["never_above"] for c in m["omse_checks"]), name

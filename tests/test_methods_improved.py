@@ -20,7 +20,8 @@ from dfmpc.methods.dfmpc_plus import (
     fit_kernel_correlation,
 )
 from dfmpc.methods.omse import mse_optimal_ternary
-from dfmpc.moments import input_moments, per_input_channel
+from dfmpc.moments import per_input_channel
+from dfmpc.propagation import input_moments
 from dfmpc.quantizers import quantize_weight
 
 

@@ -19,7 +19,7 @@ of :data:`BOOK_PRESETS`; ``dfmpc experiments --book`` regenerates all of them. T
 relative comparisons only: JPEG costs the CIFAR-10 models about ten points, and the ImageNet subset is
 easier than the full validation set.
 """
-from . import compare, diagnosis, fig3, fig4, fig5, table1, table2, table34, timing
+from . import baselines, compare, coverage, diagnosis, fig3, fig4, fig5, table1, table2, table34, timing
 from .book import book_data_dir, data_label, describe, load_result, md_table
 from .runner import SCHEMA, run_experiment, run_experiments, settings_for
 from .session import PRESETS, Session
@@ -27,12 +27,14 @@ from .session import PRESETS, Session
 __all__ = ["EXPERIMENTS", "GROUPS", "BOOK_PRESETS", "PRESETS", "SCHEMA", "Session", "run_experiment",
            "run_experiments", "settings_for", "load_result", "book_data_dir", "describe", "data_label", "md_table"]
 
-EXPERIMENTS = {m.NAME: m for m in (table1, table2, table34, fig3, fig4, fig5, timing, diagnosis, compare)}
+EXPERIMENTS = {m.NAME: m for m in (table1, table2, table34, fig3, fig4, fig5, timing, diagnosis, compare, baselines,
+                                   coverage)}
 
 #: Experiments that share models and images run in the same process; two processes fill two cores.
 #: (An experiment in no group runs in a process of its own.)
-GROUPS = (("table1", "fig3", "fig4", "diagnosis"), ("compare", "table34", "fig5", "table2", "timing"))
+GROUPS = (("table1", "fig3", "fig4", "diagnosis", "coverage", "baselines"),
+          ("compare", "table34", "fig5", "table2", "timing"))
 
-#: The preset of every result the book shows (``book/data/<name>.json``): the comparison on all images,
-#: the paper's experiments in the quick preset (a CPU would need hours for their full grids).
+#: The preset of every result the book shows (``book/data/<name>.json``): the comparison, the baselines' checks
+#: and the coverage in full, the paper's experiments in the quick preset (a CPU would need hours for their grids).
 BOOK_PRESETS = {name: getattr(module, "BOOK_PRESET", "quick") for name, module in EXPERIMENTS.items()}

@@ -25,7 +25,7 @@ from torch.utils.data import Dataset, TensorDataset
 from ..errors import DfmpcError
 from ..evaluate import device_of, predict, resolve_device
 
-__all__ = ["feature_errors", "weight_fit", "weight_histogram",
+__all__ = ["sqnr_db", "measured_input_means", "feature_errors", "weight_fit", "weight_histogram",
            "filter_normalized_directions", "loss_surface", "batch_of"]
 
 WEIGHT_LAYERS = (nn.Conv2d, nn.Linear)
@@ -231,3 +231,38 @@ def loss_surface(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, s
     mid = steps // 2
     return {"coords": [float(c) for c in coords], "loss": loss, "accuracy": acc,
             "center_loss": loss[mid][mid] if steps % 2 else None}
+
+
+def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio 10 log10(sum ref^2 / sum (test - ref)^2) in dB (inf for identical)."""
+    ref, err = reference.double(), (test.double() - reference.double())
+    noise = float((err * err).sum())
+    signal = float((ref * ref).sum())
+    if not math.isfinite(noise) or not math.isfinite(signal):
+        raise DfmpcError("the outputs contain NaN or inf; no signal-to-noise ratio")
+    return math.inf if noise == 0 else 10 * math.log10(signal / noise)
+
+
+def measured_input_means(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> dict[str, torch.Tensor]:
+    """The mean of every input channel (feature, for a Linear) of every Conv2d / Linear layer on ``images``."""
+    layers = _weight_layers(model)
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def make_hook(name):
+        def hook(module, inputs):
+            x = inputs[0].detach().double()
+            flat = x.transpose(0, 1).reshape(x.shape[1], -1)  # channels first, then batch and pixels
+            sums[name] = sums.get(name, 0) + flat.sum(dim=1)
+            counts[name] = counts.get(name, 0) + flat.shape[1]
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in layers.items()]
+    try:
+        with torch.no_grad():
+            for start in range(0, images.shape[0], batch_size):
+                model(images[start:start + batch_size])
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: sums[name] / counts[name] for name in sums}

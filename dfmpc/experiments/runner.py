@@ -180,6 +180,11 @@ def run_experiments(names=None, preset: str | dict = "quick", out="results/quick
     groups = [g for g in groups if g]
     if jobs < 2 or len(groups) < 2:
         groups = [[n for g in groups for n in g]]
+    elif len(groups) > jobs:  # fold the groups into ``jobs`` processes, the longest lists first
+        folded = [[] for _ in range(jobs)]
+        for g in sorted(groups, key=len, reverse=True):
+            min(folded, key=len).extend(g)
+        groups = folded
     command = command or f"dfmpc.experiments.run_experiments({names!r})"
     args = (images, dict(overrides or {}), command, session_options)
     start = time.perf_counter()
@@ -190,7 +195,7 @@ def run_experiments(names=None, preset: str | dict = "quick", out="results/quick
         from concurrent.futures import ProcessPoolExecutor
 
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited OpenMP state
-        with ProcessPoolExecutor(max_workers=len(groups), mp_context=ctx) as pool:
+        with ProcessPoolExecutor(max_workers=min(jobs, len(groups)), mp_context=ctx) as pool:
             for future in [pool.submit(_run_group, g, presets, str(out), *args) for g in groups]:
                 future.result()
     print(f"{'total':<16} {time.perf_counter() - start:7.1f} s wall  ({len(groups)} process(es))", file=sys.stderr,

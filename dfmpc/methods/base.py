@@ -45,8 +45,9 @@ class QuantizationMethod:
     def settings(self) -> dict:
         return {"granularity": self.granularity, "unpaired": self.unpaired, "keep_fp32": list(self.keep_fp32)}
 
-    def prepare(self, model: nn.Module, plan: MixedPrecisionPlan) -> None:
-        """Modify the full-precision copy before quantization. Default: nothing."""
+    def prepare(self, model: nn.Module, plan: MixedPrecisionPlan) -> nn.Module | None:
+        """Modify the full-precision copy before quantization; may return a replacement with the same layer
+        names (e.g. its traced graph). Default: nothing."""
 
     def quantize_layer(self, name: str, weight: torch.Tensor, bits: int) -> QuantizedTensor:
         return quantize_weight(weight, bits, self.granularity)
@@ -71,7 +72,7 @@ class QuantizationMethod:
         qmodel = model if self.inplace else copy.deepcopy(model)
         plan = plan_layers(qmodel, self.bits, self.unpaired, self.keep_fp32, self.pairs, require_pairs=self.needs_pairs)
         with torch.no_grad():
-            self.prepare(qmodel, plan)
+            qmodel = self.prepare(qmodel, plan) or qmodel
             modules = dict(qmodel.named_modules())
             fp_weights, quantized = {}, {}
             for a in plan.layers:

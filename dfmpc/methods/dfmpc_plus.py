@@ -40,7 +40,8 @@ from torch import nn
 
 from ..errors import DfmpcError
 from ..graph import trace
-from ..moments import expected_output_shift, following_batch_norms, input_moments, per_input_channel
+from ..moments import expected_output_shift, per_input_channel
+from ..propagation import following_batch_norms, input_moments
 from ..quantizers import quantize_weight
 from .base import QuantizationMethod
 from .dfq import correct_bias

@@ -35,6 +35,9 @@ __all__ = ["OptimalClipping", "mse_optimal_ternary", "mse_optimal_uniform", "mse
            "weighted_quantization_error"]
 
 
+SEARCH_LIMIT = 2**22  # weights searched for the clipping scales of one tensor (see mse_optimal_uniform)
+
+
 def _rows(w: torch.Tensor, granularity: str) -> torch.Tensor:
     return w.reshape(1, -1) if granularity == "tensor" else w.reshape(w.shape[0], -1)
 
@@ -53,11 +56,30 @@ def _scale_out(scale: torch.Tensor, granularity: str, dtype) -> torch.Tensor:
 
 
 def mse_optimal_ternary(w: torch.Tensor, granularity: str = "channel", weights: torch.Tensor | None = None) -> QuantizedTensor:
-    """Ternary codes and scale that minimise sum v (w - alpha q)^2 exactly, per channel or per tensor."""
+    """Ternary codes and scale that minimise sum v (w - alpha q)^2 exactly, per channel or per tensor.
+
+    Sorting |w| per row gives the optimum: the best codes keep the k largest |w| for some k. A tensor of more
+    than SEARCH_LIMIT weights (only VGG's first classifier layer among the listed models) finds k on a
+    strided subsample of every row and keeps the weights above that row's threshold.
+    """
     check_weight(w)
     x = _rows(w.detach().double(), granularity)
     v = _rows(_weights_like(w, weights), granularity)
     a = x.abs()
+    stride = -(-x.numel() // SEARCH_LIMIT)
+    keep, alpha = _ternary_choice(a[:, ::stride], v[:, ::stride])
+    if stride > 1:  # the subsample's threshold for the whole row, then the least-squares scale for those codes
+        threshold = torch.where(keep.any(dim=1), torch.where(keep, a[:, ::stride], torch.inf).amin(dim=1), torch.inf)
+        keep = (a >= threshold[:, None]) & (a > 0)
+        s, vv = (v * a * keep).sum(dim=1), (v * keep).sum(dim=1)
+        alpha = torch.where(vv > 0, s / torch.where(vv > 0, vv, torch.ones_like(vv)), torch.zeros_like(vv))
+        keep = keep & (alpha[:, None] > 0)
+    codes = (torch.sign(x) * keep).to(torch.int8).reshape(w.shape)
+    return QuantizedTensor(codes=codes, scale=_scale_out(alpha, granularity, w.dtype), bits=2, granularity=granularity)
+
+
+def _ternary_choice(a: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact per-row optimum: which |w| keep a non-zero code, and the scale alpha."""
     order = torch.argsort(a, dim=1, descending=True, stable=True)
     a_sorted, v_sorted = a.gather(1, order), v.gather(1, order)
     s = torch.cumsum(v_sorted * a_sorted, dim=1)
@@ -69,10 +91,8 @@ def mse_optimal_ternary(w: torch.Tensor, granularity: str = "channel", weights: 
     alpha = torch.where(best_v > 0, best_s / torch.where(best_v > 0, best_v, torch.ones_like(best_v)),
                         torch.zeros_like(best_v))
     rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(x.shape[1]).expand_as(order).contiguous())
-    keep = (rank <= k[:, None]) & (a > 0) & (alpha[:, None] > 0)
-    codes = (torch.sign(x) * keep).to(torch.int8).reshape(w.shape)
-    return QuantizedTensor(codes=codes, scale=_scale_out(alpha, granularity, w.dtype), bits=2, granularity=granularity)
+    rank.scatter_(1, order, torch.arange(a.shape[1]).expand_as(order).contiguous())
+    return (rank <= k[:, None]) & (a > 0) & (alpha[:, None] > 0), alpha
 
 
 def _uniform_codes(x: torch.Tensor, scale: torch.Tensor, n: int) -> torch.Tensor:
@@ -109,9 +129,15 @@ def mse_optimal_uniform(w: torch.Tensor, bits: int, granularity: str = "channel"
     if criterion not in ("mse", "cosine"):
         raise DfmpcError(f"unknown criterion {criterion!r}; use 'mse' or 'cosine'")
     n = 2**bits - 1
-    x = _rows(w.detach().double(), granularity)
-    v = _rows(_weights_like(w, weights), granularity)
-    top = x.abs().amax(dim=1)
+    full_x = _rows(w.detach().double(), granularity)
+    full_v = _rows(_weights_like(w, weights), granularity)
+    top = full_x.abs().amax(dim=1)
+    # The search runs on at most SEARCH_LIMIT weights of the tensor, every row subsampled with the same stride:
+    # every layer of the listed models but VGG's first classifier layer has fewer and is searched exactly; that
+    # one has 103 million weights, and searching all of them 60 times took a minute. The codes and the result
+    # use all weights.
+    stride = -(-full_x.numel() // SEARCH_LIMIT)
+    x, v = full_x[:, ::stride], full_v[:, ::stride]
 
     x32, v32 = x.float(), v.float()  # the search in single precision (twice as fast); the result in double
 
@@ -136,7 +162,7 @@ def mse_optimal_uniform(w: torch.Tensor, bits: int, granularity: str = "channel"
         best, best_ratio = torch.where(better, value, best), torch.where(better, r, best_ratio)
     best_scale = top * best_ratio
     if criterion == "cosine":
-        codes, num, den = _uniform_fit(x, v, best_scale, n)
+        codes, num, den = _uniform_fit(full_x, full_v, best_scale, n)
         ls = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(den))
         return QuantizedTensor(codes=codes.reshape(w.shape).to(torch.int16 if bits > 7 else torch.int8),
                                scale=_scale_out(ls, granularity, w.dtype), bits=bits, granularity=granularity)
@@ -148,7 +174,7 @@ def mse_optimal_uniform(w: torch.Tensor, bits: int, granularity: str = "channel"
         better = (new_err < best_err) & (ls > 0)
         best_err = torch.where(better, new_err, best_err)
         best_scale = torch.where(better, ls, best_scale)
-    codes = _uniform_codes(x, best_scale, n).reshape(w.shape)
+    codes = _uniform_codes(full_x, best_scale, n).reshape(w.shape)
     return QuantizedTensor(codes=codes.to(torch.int16 if bits > 7 else torch.int8),
                            scale=_scale_out(best_scale, granularity, w.dtype), bits=bits, granularity=granularity)
 
