@@ -26,7 +26,7 @@ from ..methods.omse import weighted_quantization_error
 from ..moments import expected_output_shift
 from ..plan import plan_layers
 from ..quantizers import quantize_weight
-from .measure import batch_of
+from .measure import batch_of, run_with_input_hooks
 
 __all__ = ["NAME", "TITLE", "BOOK_PRESET", "SETTINGS", "BASELINES", "run"]
 
@@ -43,18 +43,10 @@ SETTINGS = {
 }
 
 
-def _inputs_of(model: nn.Module, names, images: torch.Tensor, batch_size: int = 32) -> dict:
+def _inputs_of(model: nn.Module, names, images: torch.Tensor) -> dict:
     """The input of every named layer on ``images`` (concatenated over batches)."""
-    layers = dict(model.named_modules())
     seen: dict[str, list] = {n: [] for n in names}
-    handles = [layers[n].register_forward_pre_hook(lambda m, i, n=n: seen[n].append(i[0].detach())) for n in names]
-    try:
-        with torch.no_grad():
-            for start in range(0, images.shape[0], batch_size):
-                model(images[start:start + batch_size])
-    finally:
-        for h in handles:
-            h.remove()
+    run_with_input_hooks(model, images, {n: seen[n].append for n in names}, batch_size=32)
     return {n: torch.cat(v) for n, v in seen.items()}
 
 

@@ -25,7 +25,7 @@ from torch.utils.data import Dataset, TensorDataset
 from ..errors import DfmpcError
 from ..evaluate import device_of, predict, resolve_device
 
-__all__ = ["sqnr_db", "measured_input_means", "feature_errors", "weight_fit", "weight_histogram",
+__all__ = ["sqnr_db", "run_with_input_hooks", "measured_input_means", "feature_errors", "weight_fit", "weight_histogram",
            "filter_normalized_directions", "loss_surface", "batch_of"]
 
 WEIGHT_LAYERS = (nn.Conv2d, nn.Linear)
@@ -243,21 +243,11 @@ def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
     return math.inf if noise == 0 else 10 * math.log10(signal / noise)
 
 
-def measured_input_means(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> dict[str, torch.Tensor]:
-    """The mean of every input channel (feature, for a Linear) of every Conv2d / Linear layer on ``images``."""
-    layers = _weight_layers(model)
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-
-    def make_hook(name):
-        def hook(module, inputs):
-            x = inputs[0].detach().double()
-            flat = x.transpose(0, 1).reshape(x.shape[1], -1)  # channels first, then batch and pixels
-            sums[name] = sums.get(name, 0) + flat.sum(dim=1)
-            counts[name] = counts.get(name, 0) + flat.shape[1]
-        return hook
-
-    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in layers.items()]
+def run_with_input_hooks(model: nn.Module, images: torch.Tensor, hooks: dict, batch_size: int = 64) -> None:
+    """Run ``model`` over ``images`` in batches, without gradients, calling ``hooks[name](input)`` with the input
+    of every named layer (forward pre-hooks, removed afterwards)."""
+    layers = dict(model.named_modules())
+    handles = [layers[n].register_forward_pre_hook(lambda m, inputs, f=f: f(inputs[0].detach())) for n, f in hooks.items()]
     try:
         with torch.no_grad():
             for start in range(0, images.shape[0], batch_size):
@@ -265,4 +255,19 @@ def measured_input_means(model: nn.Module, images: torch.Tensor, batch_size: int
     finally:
         for h in handles:
             h.remove()
+
+
+def measured_input_means(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> dict[str, torch.Tensor]:
+    """The mean of every input channel (feature, for a Linear) of every Conv2d / Linear layer on ``images``."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def make_hook(name):
+        def hook(x):
+            flat = x.double().transpose(0, 1).reshape(x.shape[1], -1)  # channels first, then batch and pixels
+            sums[name] = sums.get(name, 0) + flat.sum(dim=1)
+            counts[name] = counts.get(name, 0) + flat.shape[1]
+        return hook
+
+    run_with_input_hooks(model, images, {n: make_hook(n) for n in _weight_layers(model)}, batch_size)
     return {name: sums[name] / counts[name] for name in sums}
