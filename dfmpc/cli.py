@@ -152,9 +152,12 @@ def cmd_quantize(args) -> int:
     model, spec = load_model(args.model, weights=args.weights, pretrained=not args.random_weights)
     dataset_name = args.dataset or spec.dataset
     cifar = {"cifar10", "cifar100"}
-    if dataset_name != spec.dataset and not (args.random_weights and {dataset_name, spec.dataset} <= cifar):
+    if dataset_name != spec.dataset and not {dataset_name, spec.dataset} <= cifar:
         raise DfmpcError(f"model {args.model} classifies {spec.dataset} images, not {dataset_name}; "
                          f"use --dataset {spec.dataset} or another model")
+    if dataset_name != spec.dataset:  # e.g. a CIFAR-100 model where only the CIFAR-10 test set is at hand
+        print(f"{args.model} classifies {spec.dataset} images and sees {dataset_name} ones: its accuracies are "
+              "meaningless; 'agree %' compares each quantized model with fp32")
     data_dir = _data_dirs(args.data_dir, dataset_name).get(dataset_name)
     load = dict(name=dataset_name, data_dir=data_dir, transform=spec.eval_transform(), cache=True,
                 progress=not args.no_progress)
@@ -305,8 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--weights", help="local weights file for the model (default: offline copy or download)")
     q.add_argument("--random-weights", action="store_true",
                    help=f"random weights with BatchNorm statistics calibrated on {CALIBRATION_IMAGES} real images: runs any "
-                        "model offline (fidelity, not accuracy); a CIFAR-100 model may take --dataset cifar10")
-    q.add_argument("--dataset", help="cifar10 | cifar100 | imagenet (default: the model's)")
+                        "model offline (fidelity, not accuracy)")
+    q.add_argument("--dataset", help="cifar10 | cifar100 | imagenet (default: the model's; a CIFAR-100 model may "
+                   "take cifar10 images, compared by agreement with fp32)")
     q.add_argument("--bits", default="2/6", help="LOW/HIGH with 2 <= LOW <= HIGH <= 8; 2 means ternary (default 2/6); "
                    "a comma-separated list sweeps, e.g. 2/6,3/6")
     q.add_argument("--method", default="original,dfmpc",

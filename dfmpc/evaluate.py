@@ -23,11 +23,12 @@ __all__ = ["Predictions", "predict", "evaluate", "resolve_device", "device_of"]
 @dataclass(frozen=True)
 class Predictions:
     """Per-image results of one pass: ``top5`` (N x k class indices, k = min(5, classes)), ``labels`` (N)
-    and ``loss`` (N cross-entropies), all on the CPU."""
+    and ``loss`` (N cross-entropies), all on the CPU; ``logits`` (N x classes) only when asked for."""
 
     top5: torch.Tensor
     labels: torch.Tensor
     loss: torch.Tensor
+    logits: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.labels.numel())
@@ -79,12 +80,12 @@ def device_of(model: nn.Module) -> torch.device:
 
 
 def predict(model: nn.Module, dataset: Dataset, device=None, batch_size: int = 256, progress: bool = False,
-            desc: str = "predict", num_workers: int = 0) -> Predictions:
+            desc: str = "predict", num_workers: int = 0, keep_logits: bool = False) -> Predictions:
     """Run ``model`` over ``dataset`` of ``(image, label)`` pairs, in order, in eval mode without gradients.
 
     The model is moved to ``device`` (default: CUDA if available) for the pass and then back to its own
     device and train/eval mode, so the caller's model is left as it was. ``num_workers`` loader processes
-    decode images that are not already tensors in memory.
+    decode images that are not already tensors in memory. ``keep_logits`` also returns every logit.
     """
     from tqdm import tqdm  # plain text bar: tqdm.auto needs ipywidgets in notebooks
 
@@ -96,7 +97,7 @@ def predict(model: nn.Module, dataset: Dataset, device=None, batch_size: int = 2
     home, was_training = device_of(model), model.training
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=dev.type == "cuda")
-    tops, labels, losses = [], [], []
+    tops, labels, losses, logits_all = [], [], [], []
     try:
         model.to(dev).eval()
         with torch.inference_mode():
@@ -106,9 +107,12 @@ def predict(model: nn.Module, dataset: Dataset, device=None, batch_size: int = 2
                 tops.append(logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu())
                 losses.append(F.cross_entropy(logits, y, reduction="none").cpu())
                 labels.append(y.cpu())
+                if keep_logits:
+                    logits_all.append(logits.cpu())
     finally:
         model.to(home).train(was_training)
-    return Predictions(torch.cat(tops), torch.cat(labels), torch.cat(losses))
+    return Predictions(torch.cat(tops), torch.cat(labels), torch.cat(losses),
+                       torch.cat(logits_all) if keep_logits else None)
 
 
 def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 256, device=None, progress: bool = True,

@@ -418,3 +418,19 @@ def test_readme_table_quotes_the_books_comparison():
         rows += 1
     labelled = [e for e in data["results"]["models"] if e["metric"] == "top1"]  # agreement-only models are not in it
     assert rows == len(labelled) * 3
+
+
+def test_readme_coverage_sentence_quotes_the_books_coverage():
+    """The README's warning about dfmpc+ at 2/6 on random weights says what book/data/coverage.json measured."""
+    res = BOOK["coverage"]["results"]
+    names = [e["model"] for e in res["models"]]
+    sqnr = {(r["model"], r["bits"], r["method"]): r["sqnr_db"] for r in res["rows"]}
+
+    def count(bits, pick, method):
+        return sum(pick(res["methods"], key=lambda m: sqnr[(n, bits, m)]) == method for n in names)
+
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert (f"`dfmpc+` is the least faithful method on {count('2/6', min, 'dfmpc+')} of the {len(names)} "
+            "random-weight models") in readme
+    assert (f"at 3/6 it is the most faithful on {count('3/6', max, 'dfmpc+')} and OMSE on "
+            f"{count('3/6', max, 'omse')}.") in readme

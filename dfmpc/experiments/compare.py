@@ -149,10 +149,11 @@ def format_table(data: dict, field: str = "top1", fmt: str = "{:.2f}") -> str:
     """
     blocks = []
     for entry in data["results"]["models"]:
-        agreement = field == "top1" and entry.get("metric") == "agreement_with_fp32"
+        unlabelled = entry.get("metric") == "agreement_with_fp32"
+        agreement = field == "top1" and unlabelled
         bits, methods, cells = pivot(data, entry["model"], "agreement_with_fp32" if agreement else field)
         head = (f"{entry['model']} on {entry['dataset']} ({entry['images']:,} images), " +
-                ("agreement with fp32 % (NOT accuracy: no test set of its classes)" if agreement else
+                ("agreement with fp32 % (NOT accuracy: no test set of its classes)" if unlabelled else
                  f"fp32 top-1 {entry['fp32']['top1']:.2f} %") + f", {entry['fp32']['size_mb']:.2f} MB")
         lines = [["bits"] + methods]
         for b in bits:

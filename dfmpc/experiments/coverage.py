@@ -28,7 +28,7 @@ from ..errors import DfmpcError
 from ..methods import METHODS
 from ..models import list_models, load_model
 from ..propagation import input_moments
-from .measure import batch_of, measured_input_means, sqnr_db
+from .measure import batch_of, logits_of, measured_input_means, sqnr_db
 from .session import one_thread
 
 __all__ = ["NAME", "TITLE", "BOOK_PRESET", "SETTINGS", "FAMILIES", "family", "run"]
@@ -73,11 +73,6 @@ def family(name: str) -> str:
     raise DfmpcError(f"model {name!r} belongs to no family of the coverage experiment; add it to FAMILIES")
 
 
-def _logits(model, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([model(images[i:i + batch_size]).double() for i in range(0, images.shape[0], batch_size)])
-
-
 def _moment_check(model, images: torch.Tensor) -> dict:
     """Predicted (from BN statistics) against measured input means, every Conv2d / Linear layer."""
     predicted = input_moments(model)
@@ -119,7 +114,7 @@ def run(session, cfg: dict) -> dict:
             if evaluation.shape[0] < 1:
                 raise DfmpcError(f"coverage needs more than {n_cal} images of {dataset}")
             random_calibrated(model, calibration, session.seed)
-            fp = _logits(model, evaluation)
+            fp = logits_of(model, evaluation)
             out["models"].append({"model": name, "family": family(name), "dataset": dataset, "data": record,
                                   "calibration_images": int(calibration.shape[0]), "images": int(evaluation.shape[0]),
                                   "parameters": sum(p.numel() for p in model.parameters()),
@@ -130,7 +125,7 @@ def run(session, cfg: dict) -> dict:
                     bar.set_postfix_str(f"{name} {bits} {method}")
                     with one_thread():
                         q, report = quantize(model, bits, method=method)
-                    logits = _logits(q, evaluation)
+                    logits = logits_of(q, evaluation)
                     out["rows"].append({"model": name, "method": method, "bits": bits, "sqnr_db": sqnr_db(fp, logits),
                                         "agreement_with_fp32": 100.0 * float((logits.argmax(1) == fp.argmax(1))
                                                                              .double().mean()),

@@ -25,8 +25,8 @@ from torch.utils.data import Dataset, TensorDataset
 from ..errors import DfmpcError
 from ..evaluate import device_of, predict, resolve_device
 
-__all__ = ["sqnr_db", "run_with_input_hooks", "measured_input_means", "feature_errors", "weight_fit", "weight_histogram",
-           "filter_normalized_directions", "loss_surface", "batch_of"]
+__all__ = ["sqnr_db", "logits_of", "run_with_input_hooks", "measured_input_means", "feature_errors", "weight_fit",
+           "weight_histogram", "filter_normalized_directions", "loss_surface", "batch_of"]
 
 WEIGHT_LAYERS = (nn.Conv2d, nn.Linear)
 
@@ -241,6 +241,12 @@ def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
     if not math.isfinite(noise) or not math.isfinite(signal):
         raise DfmpcError("the outputs contain NaN or inf; no signal-to-noise ratio")
     return math.inf if noise == 0 else 10 * math.log10(signal / noise)
+
+
+def logits_of(model: nn.Module, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """The float64 logits of ``images`` on the CPU, in batches (through the one evaluation loop; no labels needed)."""
+    data = TensorDataset(images, torch.zeros(images.shape[0], dtype=torch.long))
+    return predict(model, data, device="cpu", batch_size=batch_size, keep_logits=True).logits.double()
 
 
 def run_with_input_hooks(model: nn.Module, images: torch.Tensor, hooks: dict, batch_size: int = 64) -> None:
