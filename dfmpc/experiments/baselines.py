@@ -26,7 +26,7 @@ from ..methods.omse import weighted_quantization_error
 from ..moments import expected_output_shift
 from ..plan import plan_layers
 from ..quantizers import quantize_weight
-from .measure import batch_of, logits_of, run_with_input_hooks
+from .measure import batch_of, channel_means, correlation, logits_of
 
 __all__ = ["NAME", "TITLE", "BOOK_PRESET", "SETTINGS", "BASELINES", "run"]
 
@@ -45,26 +45,15 @@ SETTINGS = {
 
 def _measured_output_shifts(model: nn.Module, deltas: dict, images: torch.Tensor) -> dict:
     """For every named layer, the mean over images and pixels of its output change when its weight changes by
-    ``deltas[name]``, on its real inputs in ``model``. Accumulated batch by batch: the inputs of every layer
-    of an EfficientNet-Lite2 on 256 images would not fit in memory."""
+    ``deltas[name]``, on its real inputs in ``model``."""
     layers = dict(model.named_modules())
-    probes, sums, counts = {}, {}, dict.fromkeys(deltas, 0)
+    probes = {}
     for name, delta in deltas.items():
         probes[name] = copy.deepcopy(layers[name])
         with torch.no_grad():
             probes[name].weight.copy_(delta)
         probes[name].bias = None
-
-    def accumulate(name):
-        def hook(x):
-            out = probes[name](x).double()
-            flat = out.transpose(0, 1).reshape(out.shape[1], -1)  # channels first, then images and pixels
-            sums[name] = sums.get(name, 0) + flat.sum(dim=1)
-            counts[name] += flat.shape[1]
-        return hook
-
-    run_with_input_hooks(model, images, {n: accumulate(n) for n in deltas}, batch_size=32)
-    return {n: sums[n] / counts[n] for n in deltas}
+    return channel_means(model, images, probes, batch_size=32)
 
 
 def _dfq_checks(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -96,8 +85,7 @@ def _dfq_checks(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) ->
         measured = measured_shifts[a.name]
         scale = float(measured.norm())
         rows.append({"layer": a.name, "rel_error": float((analytic - measured).norm()) / scale if scale > 0 else None,
-                     "corr": float(torch.corrcoef(torch.stack([analytic, measured]))[0, 1])
-                     if float(measured.std()) > 0 and float(analytic.std()) > 0 else None,
+                     "corr": correlation(analytic, measured),
                      "measured_norm": scale})
     errs = sorted(r["rel_error"] for r in rows if r["rel_error"] is not None)
     corrs = sorted(r["corr"] for r in rows if r["corr"] is not None)

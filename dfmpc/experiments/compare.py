@@ -43,11 +43,15 @@ ABLATION = {
 }
 
 
+def _scores(pred, labelled: bool) -> dict:
+    """top-1, top-5 and loss where the labels are the model's classes; None where they are not (agreement only)."""
+    return pred.scores() if labelled else {"top1": None, "top5": None, "loss": None, "images": len(pred)}
+
+
 def _row(session, model: str, dataset: str, images, method: str, bits: str, fp, labelled: bool, **settings) -> dict:
     pred, _ = session.predict(model, dataset, images, method, bits, **settings)
     _, report = session.quantized(model, method, bits, **settings)
-    scores = pred.scores() if labelled else {"top1": None, "top5": None, "loss": None, "images": len(pred)}
-    return {"model": model, "method": method, "bits": bits, **scores, "agreement_with_fp32": pred.agreement(fp),
+    return {"model": model, "method": method, "bits": bits, **_scores(pred, labelled), "agreement_with_fp32": pred.agreement(fp),
             "size_mb": report.size_mb, "quantize_seconds": report.seconds, "settings": report.settings}
 
 
@@ -81,10 +85,9 @@ def run(session, cfg: dict) -> dict:
         for name in cfg["models"]:
             model, spec = session.model(name)
             dataset, fp, record, labelled = _evaluation_set(session, name, spec, cfg["images"])
-            fp_scores = fp.scores() if labelled else {"top1": None, "top5": None, "loss": None, "images": len(fp)}
             out["models"].append({"model": name, "dataset": dataset, "weights": spec.weights, "data": record,
                                   "images": record["images"], "metric": "top1" if labelled else "agreement_with_fp32",
-                                  "fp32": {**fp_scores, "size_mb": fp32_size_mb(model)}})
+                                  "fp32": {**_scores(fp, labelled), "size_mb": fp32_size_mb(model)}})
             bar.update(1)
             for b in bits:
                 for method in methods:
@@ -158,7 +161,7 @@ def format_table(data: dict, field: str = "top1", fmt: str = "{:.2f}") -> str:
         lines = [["bits"] + methods]
         for b in bits:
             values = [cells.get((b, m)) for m in methods]
-            best = max((v for v in values if v is not None), default=None) if field in ("top1",) else None
+            best = max((v for v in values if v is not None), default=None) if field == "top1" else None
             lines.append([b] + ["" if v is None else fmt.format(v) + ("*" if best is not None and v == best else " ")
                                 for v in values])
         blocks.append(head + "\n" + _aligned(lines, left=0))

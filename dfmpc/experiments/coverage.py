@@ -28,7 +28,7 @@ from ..errors import DfmpcError
 from ..methods import METHODS
 from ..models import list_models, load_model
 from ..propagation import input_moments
-from .measure import batch_of, logits_of, measured_input_means, sqnr_db
+from .measure import batch_of, correlation, logits_of, measured_input_means, sqnr_db
 from .session import one_thread
 
 __all__ = ["NAME", "TITLE", "BOOK_PRESET", "SETTINGS", "FAMILIES", "family", "run"]
@@ -37,24 +37,22 @@ NAME = "coverage"
 TITLE = "Architecture coverage: random calibrated weights, every model x method x bits (fidelity, not accuracy)"
 BOOK_PRESET = "full"
 
-#: (pattern, family); the first listed model of each family stands for it in CI.
+#: (pattern, family, the model that stands for the family in CI: ``pytest -m coverage``)
 FAMILIES = (
-    (r"resnet\d+_cifar10_a", "ResNet, CIFAR, option A (He et al.)"),
-    (r"chenyaofo_resnet\d+_cifar100", "ResNet, CIFAR, projection shortcuts (chenyaofo)"),
-    (r"resnet\d+_cifar(10|100)", "ResNet, CIFAR (pytorchcv)"),
-    (r"resnet\d+", "ResNet, ImageNet (pytorchcv)"),
-    (r"densenet\d+", "DenseNet (pytorchcv)"),
-    (r"mobilenetv2_w1", "MobileNetV2 (pytorchcv)"),
-    (r"bn_vgg\d+", "VGG with BN (pytorchcv)"),
-    (r"tv_resnet\d+", "ResNet (torchvision)"),
-    (r"tv_densenet\d+", "DenseNet (torchvision)"),
-    (r"tv_mobilenet_v2", "MobileNetV2 (torchvision)"),
-    (r"tv_vgg\d+_bn", "VGG with BN (torchvision)"),
-    (r"efficientnet_lite\d", "EfficientNet-Lite"),
+    (r"resnet\d+_cifar10_a", "ResNet, CIFAR, option A (He et al.)", "resnet20_cifar10_a"),
+    (r"chenyaofo_resnet\d+_cifar100", "ResNet, CIFAR, projection shortcuts (chenyaofo)", "chenyaofo_resnet56_cifar100"),
+    (r"resnet\d+_cifar(10|100)", "ResNet, CIFAR (pytorchcv)", "resnet20_cifar10"),
+    (r"resnet\d+", "ResNet, ImageNet (pytorchcv)", "resnet18"),
+    (r"densenet\d+", "DenseNet (pytorchcv)", "densenet121"),
+    (r"mobilenetv2_w1", "MobileNetV2 (pytorchcv)", "mobilenetv2_w1"),
+    (r"bn_vgg\d+", "VGG with BN (pytorchcv)", "bn_vgg16"),
+    (r"tv_resnet\d+", "ResNet (torchvision)", "tv_resnet18"),
+    (r"tv_densenet\d+", "DenseNet (torchvision)", "tv_densenet121"),
+    (r"tv_mobilenet_v2", "MobileNetV2 (torchvision)", "tv_mobilenet_v2"),
+    (r"tv_vgg\d+_bn", "VGG with BN (torchvision)", "tv_vgg16_bn"),
+    (r"efficientnet_lite\d", "EfficientNet-Lite", "efficientnet_lite0"),
 )
-REPRESENTATIVES = ["resnet20_cifar10_a", "chenyaofo_resnet56_cifar100", "resnet20_cifar10", "resnet18", "densenet121",
-                   "mobilenetv2_w1", "bn_vgg16", "tv_resnet18", "tv_densenet121", "tv_mobilenet_v2", "tv_vgg16_bn",
-                   "efficientnet_lite0"]
+REPRESENTATIVES = [representative for _, _, representative in FAMILIES]
 SETTINGS = {
     # CI: the small families, a few images
     "quick": {"models": ["resnet20_cifar10_a", "chenyaofo_resnet56_cifar100", "resnet20_cifar10", "mobilenetv2_w1",
@@ -67,7 +65,7 @@ SETTINGS = {
 
 def family(name: str) -> str:
     """The architecture family of a model name (the coverage table groups by it)."""
-    for pattern, label in FAMILIES:
+    for pattern, label, _ in FAMILIES:
         if re.fullmatch(pattern, name):
             return label
     raise DfmpcError(f"model {name!r} belongs to no family of the coverage experiment; add it to FAMILIES")
@@ -80,11 +78,8 @@ def _moment_check(model, images: torch.Tensor) -> dict:
     rows = []
     for name, moments in list(predicted.items())[1:]:  # the first layer sees the image: assumed, not derived
         p, m = moments.mean.double(), measured[name]
-        spread = float(m.std()) if m.numel() > 1 else 0.0
         rows.append({"layer": name, "channels": int(m.numel()),
-                     "rel_error": float((p - m).norm() / m.norm().clamp(min=1e-12)),
-                     "corr": float(torch.corrcoef(torch.stack([p, m]))[0, 1]) if spread > 0 and float(p.std()) > 0
-                     else None})
+                     "rel_error": float((p - m).norm() / m.norm().clamp(min=1e-12)), "corr": correlation(p, m)})
     errors = sorted(r["rel_error"] for r in rows)
     corrs = sorted(r["corr"] for r in rows if r["corr"] is not None)
     worst = max(rows, key=lambda r: r["rel_error"])

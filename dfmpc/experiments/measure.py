@@ -25,8 +25,8 @@ from torch.utils.data import Dataset, TensorDataset
 from ..errors import DfmpcError
 from ..evaluate import device_of, predict, resolve_device
 
-__all__ = ["sqnr_db", "logits_of", "run_with_input_hooks", "measured_input_means", "feature_errors", "weight_fit",
-           "weight_histogram", "filter_normalized_directions", "loss_surface", "batch_of"]
+__all__ = ["sqnr_db", "logits_of", "run_with_input_hooks", "channel_means", "measured_input_means", "correlation",
+           "feature_errors", "weight_fit", "weight_histogram", "filter_normalized_directions", "loss_surface", "batch_of"]
 
 WEIGHT_LAYERS = (nn.Conv2d, nn.Linear)
 
@@ -263,17 +263,32 @@ def run_with_input_hooks(model: nn.Module, images: torch.Tensor, hooks: dict, ba
             h.remove()
 
 
-def measured_input_means(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> dict[str, torch.Tensor]:
-    """The mean of every input channel (feature, for a Linear) of every Conv2d / Linear layer on ``images``."""
+def channel_means(model: nn.Module, images: torch.Tensor, of: dict, batch_size: int = 64) -> dict[str, torch.Tensor]:
+    """For every layer named in ``of``: the mean over images and pixels of each channel of ``of[name](input)``,
+    where ``input`` is what that layer receives in ``model`` (float64; accumulated batch by batch, so no layer's
+    inputs are ever held for all images at once)."""
     sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
+    counts = dict.fromkeys(of, 0)
 
-    def make_hook(name):
+    def accumulate(name):
         def hook(x):
-            flat = x.double().transpose(0, 1).reshape(x.shape[1], -1)  # channels first, then batch and pixels
+            y = of[name](x).double()
+            flat = y.transpose(0, 1).reshape(y.shape[1], -1)  # channels first, then images and pixels
             sums[name] = sums.get(name, 0) + flat.sum(dim=1)
-            counts[name] = counts.get(name, 0) + flat.shape[1]
+            counts[name] += flat.shape[1]
         return hook
 
-    run_with_input_hooks(model, images, {n: make_hook(n) for n in _weight_layers(model)}, batch_size)
+    run_with_input_hooks(model, images, {n: accumulate(n) for n in of}, batch_size)
     return {name: sums[name] / counts[name] for name in sums}
+
+
+def measured_input_means(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> dict[str, torch.Tensor]:
+    """The mean of every input channel (feature, for a Linear) of every Conv2d / Linear layer on ``images``."""
+    return channel_means(model, images, {n: (lambda x: x) for n in _weight_layers(model)}, batch_size)
+
+
+def correlation(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """Pearson correlation of two vectors; None where either is constant (or has a single entry)."""
+    if a.numel() < 2 or not (float(a.std()) > 0 and float(b.std()) > 0):
+        return None
+    return float(torch.corrcoef(torch.stack([a, b]))[0, 1])

@@ -73,7 +73,6 @@ class ChannelClip(nn.Hardtanh):
         return f"channels={self.max_val.shape[1]}"
 
 
-
 def input_channel_absmax(layer: nn.Module) -> torch.Tensor:
     """max |W| over the weights that read input channel j, for every input channel j (grouped convs too).
 
@@ -153,7 +152,7 @@ def equalize(model: nn.Module, relu6: str = "clip", rounds: int = 20, tol: float
                 continue
             if relu6 == "clip" and isinstance(mod, nn.Hardtanh) and mod.min_val is not None:
                 if not isinstance(mod, ChannelClip):
-                    channels = dict(model.named_modules())[pair.low].weight.shape[0]
+                    channels = modules[pair.low].weight.shape[0]
                     mod = ChannelClip(channels, float(mod.min_val), float(mod.max_val))
                     _set_module(model, name, mod)
                     modules[name] = mod
