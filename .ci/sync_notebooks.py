@@ -9,6 +9,8 @@ after editing a chapter run (from anywhere; paths are relative to the repository
     .venv/bin/python .ci/sync_notebooks.py --no-execute          # pair only
 
 For each chapter:
+  0. its first code cell becomes the book's setup cell (``dfmpc.experiments.book.SETUP_CELL`` with the
+     repository URL of _config.yml), hidden in the book,
   1. ``jupytext --sync`` (inputs come from the newer file of the pair, outputs stay in the .ipynb; a
      missing twin is created from the .md; pairing: notebooks/jupytext.toml),
   2. the .ipynb is executed top to bottom in a fresh ``python3`` kernel of this interpreter, with
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import time
@@ -32,6 +35,8 @@ import nbformat
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
+from dfmpc.experiments.book import SETUP_CELL, repository_url
+
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 
@@ -40,6 +45,21 @@ def chapters(args: list[str]) -> list[Path]:
     if args:
         return [(Path.cwd() / a).resolve().with_suffix(".md") for a in args]
     return sorted(p for p in NOTEBOOKS.glob("*.md") if p.name != "README.md")
+
+
+FIRST_CODE_CELL = re.compile(r"```\{code-cell\} ipython3\n.*?```", re.S)
+
+
+def setup_cell() -> str:
+    return "```{code-cell} ipython3\n:tags: [hide-input]\n\n" + SETUP_CELL.format(url=repository_url()) + "\n```"
+
+
+def write_setup_cell(md: Path) -> None:
+    """Make the chapter's first code cell the setup cell (the .md becomes the newer file of the pair)."""
+    text = md.read_text()
+    new = FIRST_CODE_CELL.sub(lambda _: setup_cell(), text, count=1)
+    if new != text:
+        md.write_text(new)
 
 
 def jupytext_sync(md: Path) -> None:
@@ -74,6 +94,7 @@ def main() -> int:
             return 2
         rel = md.relative_to(ROOT)
         print(f"== {rel}", flush=True)
+        write_setup_cell(md)
         jupytext_sync(md)
         if opts.no_execute:
             continue

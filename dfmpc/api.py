@@ -23,7 +23,8 @@ def quantize(model: nn.Module, bits="2/6", method: str = "dfmpc", **settings):
 
     Returns:
         The quantized copy (a plain ``nn.Module`` with dequantized weights) and a
-        :class:`dfmpc.report.QuantizationReport` listing what every layer got, the size and the time.
+        :class:`dfmpc.report.QuantizationReport` listing what every layer got, the size and the time; its
+        ``quantized`` holds the integer codes and scales, which :func:`dfmpc.save_quantized` packs into a file.
     """
     if method not in METHODS:
         raise DfmpcError(f"unknown method {method!r}; choose from {', '.join(METHODS)} (dfmpc methods lists them)")

@@ -18,12 +18,12 @@ import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from .errors import DfmpcError
+from .paths import DATASETS, default_data_dir, download_dir, repository_root, shared_dir
 
-__all__ = ["load_dataset", "default_data_dir", "shared_dir", "repository_root", "ImageListDataset", "DATASETS"]
+__all__ = ["load_dataset", "data_folder", "download_dir", "default_data_dir", "shared_dir", "repository_root",
+           "ImageListDataset", "DATASETS"]
 
-DATASETS = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".webp")
-_SHARED_DIRS = {"cifar10": "data/cifar10/test_jpeg", "imagenet": "data/imagenet/val_subset"}
 
 
 class ImageListDataset(Dataset):
@@ -47,51 +47,18 @@ class ImageListDataset(Dataset):
         return (self.transform(img) if self.transform is not None else img), label
 
 
-def repository_root() -> Path | None:
-    """The dfmpc repository this code runs from (an editable install or a checkout), else None.
-
-    Looked for above this package's own folder first, then above the working directory (a notebook runs
-    in ``notebooks/``, a test in the repository root or below).
-    """
-    for start in (Path(__file__).resolve().parents[1], Path.cwd().resolve()):
-        for folder in (start, *start.parents):
-            if (folder / "pyproject.toml").is_file() and (folder / "dfmpc" / "__init__.py").is_file():
-                return folder
-    return None
-
-
-def shared_dir() -> Path | None:
-    """The offline data folder (the one holding ``data/``), or None where there is none.
-
-    * ``$DFMPC_SHARED`` if set. A relative path is taken from the working directory, else from the
-      repository root: ``DFMPC_SHARED=../shared`` typed in the repository root still works in a notebook,
-      whose kernel runs in ``notebooks/``. A value that names no such folder is an error, not a silent
-      download. ``DFMPC_SHARED=none`` ignores the offline folder (everything is downloaded).
-    * Otherwise ``../shared`` beside the repository, if it exists.
-    """
-    env = os.environ.get("DFMPC_SHARED", "").strip()
-    root = repository_root()
-    if env.lower() == "none":
-        return None
-    if env:
-        given = Path(env).expanduser()
-        tried = [given] if given.is_absolute() else [Path.cwd() / given] + ([root / given] if root else [])
-        for folder in tried:
-            if (folder / "data").is_dir():
-                return folder.resolve()
-        raise DfmpcError(f"DFMPC_SHARED={env!r} is not the offline data folder (no data/ in "
-                         f"{' or '.join(str(t.resolve()) for t in tried)}); fix the path, or unset it to use "
-                         "../shared beside the repository, or set it to none to download")
-    if root is not None and (root.parent / "shared" / "data").is_dir():
-        return (root.parent / "shared").resolve()
-    return None
-
-
-def default_data_dir(name: str) -> Path | None:
-    """The offline copy of data set ``name`` in :func:`shared_dir`, or None if there is none."""
-    shared = shared_dir()
-    sub = _SHARED_DIRS.get(name.lower())
-    return shared / sub if shared is not None and sub else None
+def data_folder(name: str, data_dir: str | os.PathLike | None = None) -> Path:
+    """The folder :func:`load_dataset` reads data set ``name`` from: ``data_dir``, else the offline copy, else
+    (CIFAR) the download folder."""
+    if data_dir is not None:
+        return Path(data_dir).expanduser()
+    folder = default_data_dir(name)
+    if folder is not None:
+        return folder
+    if name == "imagenet":
+        raise DfmpcError("ImageNet cannot be downloaded; pass --data-dir with a folder of <wnid>/*.JPEG images "
+                         "(or point DFMPC_SHARED at the offline data folder)")
+    return download_dir(name)
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, transform=None, limit: int | None = None,
@@ -117,15 +84,9 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, transform
 
         transform = ToTensor()
 
-    if data_dir is None:
-        data_dir = default_data_dir(key)
-    if data_dir is None and key != "imagenet":
-        data_dir = Path.home() / ".cache" / "dfmpc" / key
-        data_dir.mkdir(parents=True, exist_ok=True)
-    if data_dir is None:
-        raise DfmpcError("ImageNet cannot be downloaded; pass --data-dir with a folder of <wnid>/*.JPEG images "
-                         "(or point DFMPC_SHARED at the offline data folder)")
-    root = Path(data_dir).expanduser()
+    root = data_folder(key, data_dir)
+    if data_dir is None and key != "imagenet" and root == download_dir(key):
+        root.mkdir(parents=True, exist_ok=True)
     if not root.is_dir():
         raise DfmpcError(f"data folder {str(root)!r} does not exist; pass --data-dir with a local copy of {key}")
 

@@ -31,11 +31,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .catalog import AKAMASTER_FILES, AKAMASTER_URL, CHENYAOFO_FILES, CHENYAOFO_URL, MODELS
 from .cifar_resnet import CifarResNet, CifarResNetB
 from .data import shared_dir
 from .errors import DfmpcError
 
-__all__ = ["ModelSpec", "list_models", "load_model", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["ModelSpec", "list_models", "load_model", "download_failure", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -50,18 +51,6 @@ CHENYAOFO_CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 TF_MEAN = (127 / 255,) * 3
 TF_STD = (128 / 255,) * 3
 
-_AKAMASTER_URL = "https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models/"
-_AKAMASTER_FILES = {20: "resnet20-12fca82f.th", 32: "resnet32-d509ac18.th", 44: "resnet44-014dd654.th",
-                    56: "resnet56-4bfd9763.th", 110: "resnet110-1d1ed7c2.th", 1202: "resnet1202-f3b1deed.th"}
-_CHENYAOFO_URL = "https://github.com/chenyaofo/pytorch-cifar-models/releases/download/resnet/"
-_CHENYAOFO_FILES = {"cifar100_resnet56": "cifar100_resnet56-f2eff4c8.pt"}
-
-_OPTION_A = [f"resnet{d}_cifar10_a" for d in (20, 32, 44, 56, 110)]
-_PYTORCHCV = ["resnet20_cifar10", "resnet20_cifar100", "resnet56_cifar10", "resnet56_cifar100",
-              "resnet110_cifar10", "resnet110_cifar100", "resnet18", "resnet50", "resnet101",
-              "densenet121", "mobilenetv2_w1", "bn_vgg16"]
-_TORCHVISION = ["tv_resnet18", "tv_resnet50", "tv_mobilenet_v2", "tv_densenet121", "tv_vgg16_bn"]
-_OTHER = ["chenyaofo_resnet56_cifar100", "efficientnet_lite0", "efficientnet_lite2"]
 _CIFAR_CLASSES = {"cifar10": 10, "cifar100": 100}
 
 
@@ -96,7 +85,7 @@ class ModelSpec:
 
 def list_models() -> list[str]:
     """Sorted curated model names (``load_model`` accepts more pytorchcv/torchvision names)."""
-    return sorted(_OPTION_A + _PYTORCHCV + _TORCHVISION + _OTHER)
+    return sorted(MODELS)
 
 
 def load_model(name: str, weights: str | os.PathLike | None = None, pretrained: bool = True,
@@ -132,11 +121,11 @@ def _option_a(name, depth, weights, pretrained, root):
     model = _build(CifarResNet, name, depth=depth, num_classes=10)
     spec = ModelSpec(name, "he2016_option_a", 10, "cifar10", 32, IMAGENET_MEAN, IMAGENET_STD)
     if weights is not None or pretrained:
-        fname = _AKAMASTER_FILES.get(depth)
+        fname = AKAMASTER_FILES.get(depth)
         spec.weights = _load_weights(
             model, name, weights, root,
             shared_glob=f"data/cifar10/weights/he2016_option_a/resnet{depth}-*.th",
-            url=fname and _AKAMASTER_URL + fname)
+            url=fname and AKAMASTER_URL + fname)
     return model, spec
 
 
@@ -146,11 +135,11 @@ def _chenyaofo(name, depth, dataset, weights, pretrained, root):
     model = _build(CifarResNetB, name, depth=depth, num_classes=100)
     spec = ModelSpec(name, "chenyaofo", 100, dataset, 32, CHENYAOFO_CIFAR100_MEAN, CHENYAOFO_CIFAR100_STD)
     if weights is not None or pretrained:
-        fname = _CHENYAOFO_FILES.get(f"{dataset}_resnet{depth}")
+        fname = CHENYAOFO_FILES.get(f"{dataset}_resnet{depth}")
         spec.weights = _load_weights(
             model, name, weights, root,
             shared_glob=f"data/{dataset}/weights/chenyaofo/{dataset}_resnet{depth}-*.pt",
-            url=fname and _CHENYAOFO_URL + fname)
+            url=fname and CHENYAOFO_URL + fname)
     return model, spec
 
 
@@ -281,9 +270,21 @@ def _download_or_fail(name, where, fn):
         print(chatter.getvalue(), end="", file=sys.stderr)
         return result
     except Exception as e:  # offline shows up as URLError, requests' ConnectionError, ...
-        cause = str(e).splitlines()[0][:120] if str(e) else ""
-        raise DfmpcError(f"cannot download pretrained weights for {name} from {where} ({type(e).__name__}: "
-                         f"{cause}); without internet pass --weights PATH with a local copy") from None
+        raise DfmpcError(f"cannot download pretrained weights for {name} from {where} ({download_failure(e)}); "
+                         "without internet pass --weights PATH with a local copy, or --random-weights to run "
+                         "the model on random weights") from None
+
+
+def download_failure(error: Exception) -> str:
+    """Why a download failed, in a few words that fit one line: the library's message only when it is short
+    and names no URL (requests' messages run to several hundred characters of host and path)."""
+    kind = type(error).__name__
+    text = str(error).splitlines()[0] if str(error) else ""
+    if "connection" in kind.lower() or "URLError" in kind or "Max retries" in text or "resolve" in text.lower():
+        return f"{kind}: no connection to the server"
+    if text and len(text) <= 100 and "://" not in text and "url:" not in text:
+        return f"{kind}: {text}"
+    return kind
 
 
 def _shared_file(pattern: str) -> Path | None:

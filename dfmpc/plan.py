@@ -16,37 +16,18 @@ A pair whose low or high layer is kept in full precision is dropped (nothing to 
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from torch import nn
 
+from .bits import parse_bits
 from .errors import DfmpcError
 from .graph import LayerPair, find_pairs, pairs_from_names, trace, weight_layer_names
-from .quantizers import MAX_BITS, MIN_BITS
 
 __all__ = ["UNPAIRED_POLICIES", "FP32", "parse_bits", "LayerAssignment", "MixedPrecisionPlan", "plan_layers"]
 
 UNPAIRED_POLICIES = ("high", "low", "fp32")
 FP32 = 32
-
-
-def parse_bits(bits) -> tuple[int, int]:
-    """``"2/6"`` or ``(2, 6)`` -> (low, high), checking 2 <= low <= high <= 8. ``"6"`` means 6/6."""
-    if isinstance(bits, str):
-        m = re.fullmatch(r"\s*(\d+)\s*(?:/\s*(\d+)\s*)?", bits)
-        if not m:
-            raise DfmpcError(f"bits {bits!r} is not LOW/HIGH; write e.g. 2/6 (2 <= LOW <= HIGH <= 8)")
-        low, high = int(m.group(1)), int(m.group(2) or m.group(1))
-    elif isinstance(bits, (tuple, list)) and len(bits) == 2 and all(isinstance(b, int) for b in bits):
-        low, high = bits
-    elif isinstance(bits, int) and not isinstance(bits, bool):
-        low = high = bits
-    else:
-        raise DfmpcError(f"bits {bits!r} is not LOW/HIGH; write e.g. '2/6' or (2, 6)")
-    if not (MIN_BITS <= low <= high <= MAX_BITS):
-        raise DfmpcError(f"bits {low}/{high} out of range; need {MIN_BITS} <= LOW <= HIGH <= {MAX_BITS}, e.g. 2/6")
-    return low, high
 
 
 @dataclass(frozen=True)

@@ -20,13 +20,13 @@ from dataclasses import dataclass
 
 import torch
 
+from .bits import MAX_BITS, MIN_BITS
 from .errors import DfmpcError
 
 __all__ = ["GRANULARITIES", "MIN_BITS", "MAX_BITS", "QuantizedTensor", "check_weight", "ternary_quantize",
            "uniform_quantize", "quantize_weight"]
 
 GRANULARITIES = ("tensor", "channel")
-MIN_BITS, MAX_BITS = 2, 8
 
 
 @dataclass(frozen=True)

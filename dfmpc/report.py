@@ -30,10 +30,14 @@ class QuantizationReport:
     fp32_size_mb: float
     seconds: float
     compensation: dict = field(default_factory=dict, repr=False)  # high layer name -> c (torch tensor)
+    # layer name -> QuantizedTensor: the integer codes and scales behind every quantized weight, which
+    # dfmpc.save_quantized packs at their bit width
+    quantized: dict = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("compensation")
+        d.pop("quantized")
         return d
 
     def table(self) -> str:

@@ -10,6 +10,8 @@ ResNet-18's 11,689,512 parameters give 44.59 MB. We count the quantized model th
 
 BatchNorm running statistics are buffers, not parameters; like the paper's FP32 column we do not
 count them. Everything is computed from shapes, so sizes follow without any weights.
+:func:`dfmpc.save_quantized` writes these bits (codes packed at their bit width), plus the running
+statistics and a header: the file is a few per cent larger (see :mod:`dfmpc.packed`).
 """
 from __future__ import annotations
 

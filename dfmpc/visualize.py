@@ -123,7 +123,7 @@ def draw_block(block: nn.Module, plan: MixedPrecisionPlan | None = None, prefix:
             face = "#dddddd"
         ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.02", facecolor=face,
                                     edgecolor="#444444", linewidth=0.8))
-        ax.text(x, y, _label(gm, n), ha="center", va="center", fontsize=7, color=text_color)
+        ax.text(x, y, _label(gm, n), ha="center", va="center", fontsize=9, color=text_color)
     arrow = dict(arrowstyle="-|>", mutation_scale=8, color="#444444", linewidth=0.8)
     for n in nodes:
         for p in n.all_input_nodes:

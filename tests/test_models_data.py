@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.fx
 
+from dfmpc.catalog import MODELS, TORCHVISION_FILES
 from dfmpc.cifar_resnet import CifarResNet, PadShortcut
 from dfmpc.data import default_data_dir, load_dataset, repository_root, shared_dir
 from dfmpc.errors import DfmpcError
@@ -222,6 +223,14 @@ def test_every_curated_model_builds_and_is_fx_traceable(name):
         pytest.importorskip("efficientnet_lite_pytorch", reason="optional extra dfmpc[lite] not installed")
     model, spec = load_model(name, pretrained=False)
     assert isinstance(spec, ModelSpec) and not model.training
+    entry = MODELS[name]  # what `dfmpc models` prints without building the model
+    assert (entry.dataset, entry.source, entry.input_size) == (spec.dataset, spec.source, spec.input_size)
+    assert entry.parameters == sum(p.numel() for p in model.parameters())
+    if spec.source == "torchvision":
+        import torchvision
+
+        url = torchvision.models.get_model_weights(name[len("tv_"):]).DEFAULT.url
+        assert url.rsplit("/", 1)[1] == TORCHVISION_FILES[name]
     traced = torch.fx.symbolic_trace(model)
     x = torch.randn(1, 3, spec.input_size, spec.input_size)
     with torch.inference_mode():

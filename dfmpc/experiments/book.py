@@ -1,14 +1,70 @@
-"""What the book's chapters use to show results: the committed JSON files and how to describe them."""
+"""What the book's chapters use: their setup, the committed JSON results, and how to describe and show them."""
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from ..data import repository_root
 from ..errors import DfmpcError
 
-__all__ = ["book_data_dir", "load_result", "describe", "provenance", "data_label", "md_table"]
+__all__ = ["setup", "SETUP_CELL", "repository_url", "book_data_dir", "load_result", "describe", "provenance",
+           "data_label", "md_table", "show_table"]
+
+# The first cell of every chapter (hidden in the book). `.ci/sync_notebooks.py` writes it, with the URL of
+# _config.yml, and tests/test_book_pages.py checks that every chapter starts with it. Colab needs the
+# repository itself: the chapters read the committed results in book/data.
+SETUP_CELL = """\
+# Setup. In Colab: fetch the repository (the book's results live in it) and install dfmpc from it.
+import sys
+
+if "google.colab" in sys.modules:
+    !git clone -q --depth 1 {url} /content/dfmpc && pip install -q "/content/dfmpc[lite]"
+    %cd /content/dfmpc/notebooks
+from dfmpc.experiments.book import setup
+
+device = setup()  # finds the offline data for every command, seeds torch, picks cuda or cpu"""
+
+
+def setup(seed: int = 0) -> str:
+    """What every chapter runs first; returns the device its computations use: "cuda" if there is a GPU, else "cpu".
+
+    Finds the offline data folder (``$DFMPC_SHARED``, else ``../shared`` beside the repository) and writes its
+    absolute path into ``$DFMPC_SHARED``, so that a ``dfmpc`` command the chapter starts reads the same folder
+    whatever its working directory; without one, data sets and weights are downloaded. Seeds torch.
+    """
+    import torch
+
+    from ..data import shared_dir
+
+    shared = shared_dir()
+    if shared is not None:
+        os.environ["DFMPC_SHARED"] = str(shared)
+    torch.manual_seed(seed)
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def repository_url() -> str:
+    """The repository's URL: ``repository: url:`` of _config.yml (the one place it is written), else the
+    installed package's "Repository" project URL."""
+    root = repository_root()
+    config = root / "_config.yml" if root is not None else None
+    if config is not None and config.is_file():
+        match = re.search(r"^repository:\s*\n(?:\s+.*\n)*?\s+url:\s*(\S+)", config.read_text(), re.M)
+        if match:
+            return match.group(1)
+    from importlib.metadata import PackageNotFoundError, metadata
+
+    try:
+        urls = metadata("dfmpc").get_all("Project-URL") or []
+    except PackageNotFoundError:
+        urls = []
+    for entry in urls:
+        label, _, url = entry.partition(",")
+        if label.strip().lower() == "repository":
+            return url.strip()
+    raise DfmpcError("the repository's URL is not known here: neither _config.yml nor the installed package name it")
 
 
 def book_data_dir() -> Path:
@@ -16,7 +72,7 @@ def book_data_dir() -> Path:
     root = repository_root()
     if root is None:
         raise DfmpcError("the dfmpc repository was not found (book/data holds the book's results); clone it, "
-                         "e.g. git clone https://github.com/dfmpc/dfmpc, and run from inside it")
+                         f"e.g. git clone {repository_url()}, and run from inside it")
     return root / "book" / "data"
 
 
@@ -88,3 +144,10 @@ def md_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def show_table(header: list[str], rows: list[list]) -> None:
+    """Show a table in a notebook as a rendered (HTML) table, where a printed one would wrap or be cut off."""
+    from IPython.display import Markdown, display
+
+    display(Markdown(md_table(header, rows)))

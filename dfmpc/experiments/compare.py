@@ -126,43 +126,40 @@ def figure(data: dict, model: str, bits: str, method: str = "dfmpc+", field: str
     raise DfmpcError(f"no result for {model} at {bits} with {what} in this comparison")
 
 
-def _aligned(lines: list[list[str]], left: int = 1) -> str:
-    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
-    return "\n".join("  ".join(v.ljust(w) if i < left else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths)))
-                     for line in lines)
-
-
 def format_ablation(data: dict) -> str:
-    """The dfmpc+ ablation rows: variants down, (model, bits) across, top-1 in %."""
+    """The dfmpc+ ablation rows as a Markdown table: variants down, (model, bits) across, top-1 in %."""
+    from .book import md_table
+
     rows = data["results"]["ablation"]
     if not rows:
         return ""
     cols = list(dict.fromkeys((r["model"], r["bits"]) for r in rows))
     cell = {(r["variant"], r["model"], r["bits"]): r["top1"] for r in rows}
-    lines = [["dfmpc+ variant"] + [f"{m} {b}" for m, b in cols]]
-    lines += [[v] + [f"{cell[(v, m, b)]:.2f}" if (v, m, b) in cell else "" for m, b in cols]
-              for v in dict.fromkeys(r["variant"] for r in rows)]
-    return _aligned(lines)
+    return md_table(["dfmpc+ variant"] + [f"{m} {b}" for m, b in cols],
+                    [[v] + [f"{cell[(v, m, b)]:.2f}" if (v, m, b) in cell else "" for m, b in cols]
+                     for v in dict.fromkeys(r["variant"] for r in rows)])
 
 
 def format_table(data: dict, field: str = "top1", fmt: str = "{:.2f}") -> str:
-    """One block per model: bit widths down, methods across, ``field`` in the cells; the best of a row starred.
+    """Markdown: one table per model (bit widths down, methods across, ``field`` in the cells) under a line
+    naming the model; on top-1 tables the best of a row is in bold.
 
     A model measured by agreement only (no test set of its classes) shows its agreement with fp32 instead of top-1.
     """
+    from .book import md_table
+
     blocks = []
     for entry in data["results"]["models"]:
         unlabelled = entry.get("metric") == "agreement_with_fp32"
         agreement = field == "top1" and unlabelled
         bits, methods, cells = pivot(data, entry["model"], "agreement_with_fp32" if agreement else field)
-        head = (f"{entry['model']} on {entry['dataset']} ({entry['images']:,} images), " +
-                ("agreement with fp32 % (NOT accuracy: no test set of its classes)" if unlabelled else
-                 f"fp32 top-1 {entry['fp32']['top1']:.2f} %") + f", {entry['fp32']['size_mb']:.2f} MB")
-        lines = [["bits"] + methods]
+        about = (" (agreement with fp32 %, not accuracy: no test set of its classes)" if agreement
+                 else f" (fp32 {entry['fp32']['top1']:.2f} %)" if field == "top1" else "")
+        rows = []
         for b in bits:
             values = [cells.get((b, m)) for m in methods]
             best = max((v for v in values if v is not None), default=None) if field == "top1" else None
-            lines.append([b] + ["" if v is None else fmt.format(v) + ("*" if best is not None and v == best else " ")
-                                for v in values])
-        blocks.append(head + "\n" + _aligned(lines, left=0))
+            rows.append([b] + ["" if v is None else f"**{fmt.format(v)}**" if v == best else fmt.format(v)
+                               for v in values])
+        blocks.append(f"`{entry['model']}`{about}\n\n" + md_table(["bits", *methods], rows))
     return "\n\n".join(blocks)

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import copy
 import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import torch
 
@@ -20,7 +24,8 @@ from .paper import DFMPC_SETTINGS
 from .paper import PAPER as _PAPER
 from .provenance import device_name
 
-__all__ = ["NAME", "TITLE", "SETTINGS", "PAPER", "run", "time_quantize", "benchmark"]
+__all__ = ["NAME", "TITLE", "SETTINGS", "PAPER", "STARTUP_COMMANDS", "run", "time_quantize", "benchmark",
+           "startup_seconds"]
 
 NAME = "timing"
 TITLE = "Timing: seconds DF-MPC takes per model"
@@ -30,6 +35,7 @@ SETTINGS = {
     "full": {"models": ["resnet18", "resnet50", "resnet101", "densenet121", "mobilenetv2_w1", "resnet56_cifar10_a"],
              "bits": "2/6", "repeat": 5},
 }
+STARTUP_COMMANDS = (("--help",), ("models",), ("methods",))  # what must answer at once: no torch import
 _RANDOM = "random (pretrained weights not available offline; the time does not depend on their values)"
 
 
@@ -80,3 +86,25 @@ def run(session, cfg: dict) -> dict:
                 row.update(status="failed", reason=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
             rows.append(row)
     return {"rows": rows, "repeat": cfg["repeat"]}
+
+
+def startup_seconds(repeat: int = 5, commands=STARTUP_COMMANDS) -> list[dict]:
+    """Wall seconds of ``dfmpc ARGS`` for each of ``commands``, each run ``repeat`` times in a fresh process
+    (the console script beside this Python, else ``python -m dfmpc.cli``): the start-up a user waits for."""
+    if repeat < 1:
+        raise DfmpcError(f"repeat must be at least 1, got {repeat}")
+    script = Path(sys.executable).with_name("dfmpc")
+    base = [str(script)] if script.is_file() else [sys.executable, "-m", "dfmpc.cli"]
+    rows = []
+    for args in commands:
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            done = subprocess.run([*base, *args], capture_output=True, text=True)
+            times.append(time.perf_counter() - start)
+            if done.returncode != 0:
+                raise DfmpcError(f"`dfmpc {' '.join(args)}` failed with status {done.returncode}: "
+                                 f"{(done.stderr.strip().splitlines() or [''])[-1]}")
+        rows.append({"command": "dfmpc " + " ".join(args), "median_s": statistics.median(times), "min_s": min(times),
+                     "max_s": max(times), "repeat": repeat, "runner": " ".join(base)})
+    return rows

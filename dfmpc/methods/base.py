@@ -6,7 +6,9 @@ input model is never modified unless ``inplace=True``. Subclasses override the h
 
 * :meth:`prepare` -- change the full-precision model before quantizing (e.g. equalization);
 * :meth:`quantize_layer` -- how one weight is quantized (default: the paper's quantizers);
-* :meth:`adjust` -- change the quantized model afterwards (e.g. DF-MPC's compensation).
+* :meth:`adjust` -- change the quantized model afterwards (e.g. DF-MPC's compensation);
+* :meth:`rebuild` -- the structural changes of :meth:`prepare` (modules replaced, BatchNorms folded) on a
+  fresh full-precision model, so that :func:`dfmpc.load_quantized` can load a saved quantized model into it.
 """
 from __future__ import annotations
 
@@ -57,6 +59,11 @@ class QuantizationMethod:
         """Modify the quantized model; return compensation vectors (high layer name -> c). Default: none."""
         return {}
 
+    def rebuild(self, model: nn.Module) -> nn.Module:
+        """``model`` (a fresh full-precision copy of the architecture) with the modules this method's quantized
+        models have: the same names, types and parameters, whatever their values. Default: unchanged."""
+        return model
+
     def compensation_storage(self, compensation: dict[str, torch.Tensor]) -> dict[str, int]:
         """Floats stored for the compensation vectors, per layer (counted in the model size)."""
         return {k: v.numel() for k, v in compensation.items()}
@@ -85,6 +92,7 @@ class QuantizationMethod:
             compensation = self.adjust(qmodel, plan, fp_weights, quantized)
         seconds = time.perf_counter() - start
         report = self._report(model, plan, compensation, seconds)
+        report.quantized = quantized
         return qmodel, report
 
     def _report(self, model, plan, compensation, seconds) -> QuantizationReport:

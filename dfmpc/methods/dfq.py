@@ -227,16 +227,30 @@ class DataFreeQuantization(QuantizationMethod):
                 "relu6": self.relu6}
 
     def prepare(self, model, plan):
+        model = self._equalized(model)
+        self.moments = input_moments(model) if self.bias_correction else {}
+        self._fold(model)
+        return model
+
+    def rebuild(self, model):
+        # the same steps as prepare: on a fresh model they make the same modules (the values do not matter)
+        model = self._equalized(model)
+        self._fold(model)
+        return model
+
+    def _equalized(self, model):
         if self.equalize and self.relu6 == "clip":
             model = _one_module_per_call(model) or model
         if self.equalize and self.relu6 == "relu":
             replace_relu6(model)
         if self.equalize:
             equalize(model, self.relu6)
-        self.moments = input_moments(model) if self.bias_correction else {}
+        return model
+
+    @staticmethod
+    def _fold(model):
         for layer_name, bn_name in following_batch_norms(model, trace(model)).items():
             fold_batch_norm(model, layer_name, bn_name)
-        return model
 
     def adjust(self, model, plan, fp_weights, quantized):
         if not self.bias_correction:

@@ -1,0 +1,122 @@
+"""The ``dfmpc`` command's option values, checked before anything is loaded: one line naming the problem and the fix.
+
+No torch here: a mistake in the arguments is reported at once, and output paths are tried (created and removed)
+before any evaluation starts, so that an unwritable ``--save`` does not fail after minutes of work.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from .catalog import METHOD_DESCRIPTIONS
+from .errors import DfmpcError
+from .paths import DATASETS
+
+__all__ = ["parse_methods", "parse_floats", "parse_images", "parse_data_dirs", "check_positive", "check_output_file",
+           "check_output_dir"]
+
+
+def parse_methods(value: str, flag: str = "--method") -> list[str]:
+    """One method name, a comma-separated list, or 'all' (every method, in the order of ``dfmpc methods``)."""
+    names = list(METHOD_DESCRIPTIONS) if value.strip() == "all" else [v.strip() for v in value.split(",") if v.strip()]
+    if not names:
+        raise DfmpcError(f"{flag} names no method; give names from `dfmpc methods`, comma-separated, or 'all'")
+    for name in names:
+        if name not in METHOD_DESCRIPTIONS:
+            raise DfmpcError(f"unknown method {name!r}; choose from {', '.join(METHOD_DESCRIPTIONS)} or 'all' "
+                             "(dfmpc methods lists them)")
+    return list(dict.fromkeys(names))  # a name given twice runs once
+
+
+def parse_floats(name: str, value: str) -> list[float]:
+    """A comma-separated list of non-negative numbers (a sweep), e.g. "0,0.5"."""
+    out = []
+    for item in str(value).split(","):
+        try:
+            x = float(item)
+        except ValueError:
+            raise DfmpcError(f"--{name} takes numbers separated by commas, got {value!r}") from None
+        if not x >= 0:  # also rejects NaN
+            raise DfmpcError(f"--{name} must be a non-negative number, got {item.strip()}")
+        out.append(x)
+    return out
+
+
+def parse_images(value: str | None):
+    """``--images``: None (not given), "all", or a positive count."""
+    if value is None or value.strip().lower() == "all":
+        return None if value is None else "all"
+    try:
+        n = int(value)
+    except ValueError:
+        raise DfmpcError(f"--images takes a positive number or 'all', got {value!r}") from None
+    if n < 1:
+        raise DfmpcError(f"--images takes a positive number or 'all', got {value!r}")
+    return n
+
+
+def parse_data_dirs(values, default_dataset: str | None = None) -> dict:
+    """``--data-dir [DATASET=]DIR`` (repeatable) as {dataset: folder}; a bare DIR needs ``default_dataset``."""
+    out = {}
+    for item in values or ():
+        name, sep, path = item.partition("=")
+        if not sep:
+            if default_dataset is None:
+                raise DfmpcError(f"--data-dir {item!r} does not say which data set; write DATASET=DIR, "
+                                 f"e.g. cifar10={item}")
+            name, path = default_dataset, item
+        name = name.strip().lower()
+        if name not in DATASETS:
+            raise DfmpcError(f"--data-dir names unknown data set {name!r}; use one of {', '.join(DATASETS)}")
+        if not Path(path).expanduser().is_dir():
+            raise DfmpcError(f"--data-dir {path!r} is not a folder; pass the folder that holds the {name} images")
+        out[name] = path
+    return out
+
+
+def check_positive(flag: str, value, unset_ok: bool = True) -> None:
+    """``value`` is None (where allowed) or an integer >= 1."""
+    if value is None and unset_ok:
+        return
+    if value is None or value < 1:
+        raise DfmpcError(f"{flag} must be at least 1, got {value}")
+
+
+def _unwritable(flag: str, path, error: OSError) -> DfmpcError:
+    return DfmpcError(f"{flag} {str(path)!r} cannot be written ({error.strerror or type(error).__name__}); "
+                      "give a path in a folder you can write to")
+
+
+def check_output_file(path: str | None, flag: str) -> None:
+    """Fail before any work if ``path`` cannot be written: its folders are created and the file is opened for
+    appending (which changes nothing in an existing file; a new one is removed again)."""
+    if not path:
+        return
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise DfmpcError(f"{flag} {path!r} is a folder; give a file name, e.g. {target / 'result.json'}")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        existed = target.exists()
+        with open(target, "ab"):
+            pass
+        if not existed:
+            target.unlink()
+    except OSError as e:
+        raise _unwritable(flag, path, e) from None
+
+
+def check_output_dir(path: str | os.PathLike | None, flag: str) -> None:
+    """Fail before any work if no file can be written into folder ``path`` (created if missing)."""
+    if not path:
+        return
+    target = Path(path).expanduser()
+    if target.exists() and not target.is_dir():
+        raise DfmpcError(f"{flag} {str(path)!r} is a file, not a folder; give a folder for the results")
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=target):
+            pass
+    except OSError as e:
+        raise _unwritable(flag, path, e) from None

@@ -1,0 +1,396 @@
+"""A quantized model as a file a user can ship: integer codes packed at their bit width, in safetensors.
+
+:func:`save_quantized` writes what :func:`dfmpc.quantize` made, :func:`load_quantized` turns the file back into
+a module whose outputs are bit-identical to the quantized model's. The file is a safetensors container (no
+pickle: loading runs no code from the file) with
+
+* ``codes`` (uint8): for every quantized weight, in the order of the model's ``state_dict``, its integer codes
+  at ``bits`` bits each, least significant bit first, padded to a whole byte per layer. Ternary codes
+  {-1, 0, +1} are stored as {0, 1, 2} in 2 bits; k-bit codes {0 .. 2^k - 1} in k bits.
+* one tensor per floating-point (and integer) dtype of the model, e.g. ``float32``: every number that is not
+  a code, flattened in ``state_dict`` order: each quantized weight's scale(s) and the compensation vector
+  multiplied into it, then every other parameter and buffer as it is (biases changed by a method, BatchNorm
+  parameters and running statistics, layers kept in full precision). An integer dtype whose numbers are all
+  zero (BatchNorm's ``num_batches_tracked`` in most models) is listed under ``zeros`` instead.
+* metadata ``dfmpc`` (JSON): format and version, the model name, the method, its bits and settings, the plan
+  (every weight layer's role, bits, partner, scale granularity and where its compensation went), the sizes of
+  the report, provenance, a fingerprint of the ``state_dict`` layout, and one SHA-256 over the metadata and
+  every tensor (a changed or truncated file is refused).
+
+The architecture is not in the file: it comes from the model name (``load_model(name, pretrained=False)``,
+no download) or from ``model=``, a fresh full-precision instance, and the method's structural changes
+(:meth:`~dfmpc.methods.base.QuantizationMethod.rebuild`, e.g. DFQ's folded BatchNorms) are applied to it.
+Every weight is rebuilt by the same operations the method used (codes -> :meth:`QuantizedTensor.dequantize`,
+then the compensation), and :func:`save_quantized` checks that this gives every weight bit for bit before it
+writes anything.
+
+Size: the codes and the 32-bit numbers the report counts (see :mod:`dfmpc.size`), plus what the paper's
+convention leaves out: BatchNorm running statistics (two floats per channel, 3.6-3.7 % of the CIFAR ResNets at
+2/6), a compensation vector that the report counts as folded into per-channel scales (dfmpc+'s classifier: one
+float per class), and the header (about 0.7 KB plus some 35 bytes per weight layer). ResNet-20 and ResNet-56 at 2/6
+with dfmpc+: 4.8 % and 4.2 % above ``report.size_mb`` (both in MB of 2^20 bytes).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__
+from .bits import MAX_BITS, MIN_BITS
+from .errors import DfmpcError
+from .quantizers import QuantizedTensor
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "save_quantized", "load_quantized", "read_info", "pack_codes", "unpack_codes",
+           "encode_plan", "decode_plan"]
+
+FORMAT, FORMAT_VERSION = "dfmpc-packed", 1
+# the metadata a file must have, with its JSON types (a file is data: anything else is refused before use)
+_FIELDS = {"model": (str, type(None)), "method": str, "bits": str, "settings": dict, "plan": dict, "zeros": list,
+           "state": dict, "sha256": str, "provenance": dict}
+_CHUNK = 2**20  # codes packed per step (a multiple of 8, so every chunk ends on a byte boundary)
+
+
+def pack_codes(values: np.ndarray, bits: int) -> np.ndarray:
+    """Non-negative integers below 2^bits -> uint8 bytes holding ``bits`` bits each, least significant first."""
+    v = np.ascontiguousarray(values, dtype=np.uint8).reshape(-1)
+    out = [np.packbits(np.unpackbits(v[i:i + _CHUNK, None], axis=1, count=bits, bitorder="little").reshape(-1),
+                       bitorder="little") for i in range(0, v.size, _CHUNK)]
+    return np.concatenate(out) if out else np.zeros(0, np.uint8)
+
+
+def unpack_codes(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """The inverse of :func:`pack_codes`: ``count`` values of ``bits`` bits as uint8."""
+    planes = np.unpackbits(np.asarray(packed, dtype=np.uint8), count=count * bits, bitorder="little")
+    return np.packbits(planes.reshape(count, bits), axis=1, bitorder="little").reshape(-1)
+
+
+def _packed_bytes(count: int, bits: int) -> int:
+    return -(-count * bits // 8)
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit (``torch.equal`` takes -0.0 for 0.0)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    as_int = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return torch.equal(a.contiguous().view(as_int), b.contiguous().view(as_int))
+
+
+_ROLES = {"low": "l", "high": "h", "unpaired": "u", "fp32": "f"}
+_GRANULARITIES = {"tensor": "t", "channel": "c", None: "-"}
+_FACTORS = {"in": "i", "out": "o", None: "-"}
+
+
+def encode_plan(rows: list[tuple]) -> dict:
+    """The plan in few bytes (it is most of the header, and the header counts in the file size): the layer names,
+    the bits, the pairs as indices, one letter per layer for the role (l/h/u/f), the scale granularity (t/c/-),
+    the compensation multiplied into the weight (i: per input channel, o: per output channel, -) and the bias."""
+    index = {row[0]: i for i, row in enumerate(rows)}
+    return {"layers": [r[0] for r in rows], "bits": [r[2] for r in rows],
+            "pairs": [[i, index[r[3]]] for i, r in enumerate(rows) if r[1] == "low" and r[3] in index],
+            "roles": "".join(_ROLES[r[1]] for r in rows), "scales": "".join(_GRANULARITIES[r[4]] for r in rows),
+            "compensation": "".join(_FACTORS[r[5]] for r in rows), "bias": "".join("1" if r[6] else "0" for r in rows)}
+
+
+def decode_plan(plan: dict) -> list[tuple]:
+    """:func:`encode_plan` undone: (name, role, bits, partner, granularity, compensation, has bias) per layer."""
+    names = plan["layers"]
+    partner = {}
+    for low, high in plan["pairs"]:
+        partner[names[low]], partner[names[high]] = names[high], names[low]
+    decode = [{v: k for k, v in table.items()} for table in (_ROLES, _GRANULARITIES, _FACTORS)]
+    columns = (plan["roles"], plan["scales"], plan["compensation"], plan["bias"], plan["bits"])
+    if any(len(col) != len(names) for col in columns) or not all(isinstance(n, str) for n in names):
+        raise ValueError("plan columns of different lengths")
+    if any(b not in range(MIN_BITS, MAX_BITS + 1) and b != 32 for b in plan["bits"]):
+        raise ValueError("bits out of range")
+    if any((b < 32) != (g != "-") for b, g in zip(plan["bits"], plan["scales"])):
+        raise ValueError("a quantized layer without scales")
+    if any(not 0 <= i < len(names) for pair in plan["pairs"] for i in pair):
+        raise ValueError("pair index out of range")
+    return [(name, decode[0][plan["roles"][i]], int(plan["bits"][i]), partner.get(name),
+             decode[1][plan["scales"][i]], decode[2][plan["compensation"][i]], plan["bias"][i] == "1")
+            for i, name in enumerate(names)]
+
+
+def _fingerprint(state: dict) -> str:
+    """The layout of a state dict (names, shapes, dtypes), hashed: the names themselves would add kilobytes to a
+    file of 150 KB; the plan keeps those of the weight layers."""
+    layout = ";".join(f"{k}:{tuple(v.shape)}:{v.dtype}" for k, v in state.items())
+    return hashlib.sha256(layout.encode()).hexdigest()[:16]
+
+
+def _apply_factor(layer: nn.Module, weight: torch.Tensor, factor: str | None, c: torch.Tensor | None) -> torch.Tensor:
+    """The weight after the compensation the method multiplied into it: DF-MPC's c per input channel (Eq. 7),
+    dfmpc+'s c per output channel (a layer without a BatchNorm after it), or none."""
+    from .methods.dfmpc import input_channel_multiplier
+
+    if factor == "in":
+        return weight * input_channel_multiplier(layer, c)
+    if factor == "out":
+        return weight * c.reshape(-1, *([1] * (weight.dim() - 1)))
+    return weight
+
+
+def _factor_of(name: str, layer: nn.Module, q: QuantizedTensor, weight: torch.Tensor, c) -> tuple[str | None, object]:
+    """How the saved ``weight`` follows from its codes: (None, None), ("in", c) or ("out", c); exactly, or an error."""
+    dequantized = q.dequantize().to("cpu", weight.dtype)  # the same operations as at loading, on the CPU
+    if _same_bits(dequantized, weight):
+        return None, None
+    if c is not None:
+        c = c.detach().to("cpu", weight.dtype)
+        fits = {"in": layer.weight.shape[1] * getattr(layer, "groups", 1), "out": weight.shape[0]}
+        for factor in ("in", "out"):
+            if c.numel() == fits[factor] and _same_bits(_apply_factor(layer, dequantized, factor, c), weight):
+                return factor, c
+    raise DfmpcError(f"the weight of layer {name!r} is not its integer codes times its scales (and compensation); "
+                     "save the model exactly as dfmpc.quantize returned it, with its report")
+
+
+def _architecture(meta: dict, model: nn.Module | None) -> nn.Module:
+    """A fresh full-precision model of the saved architecture, with the method's structural changes."""
+    from .methods import METHODS
+
+    if model is not None:
+        if not isinstance(model, nn.Module):
+            raise DfmpcError(f"model= must be a torch.nn.Module (a fresh instance of the architecture), "
+                             f"got {type(model).__name__}")
+        arch = copy.deepcopy(model).cpu()
+    elif meta.get("model"):
+        from .models import load_model
+
+        arch = load_model(meta["model"], pretrained=False)[0]
+    else:
+        raise DfmpcError("the file names no architecture (it was saved from a model of your own); pass model= a "
+                         "fresh instance of it: dfmpc.load_quantized(path, model=MyNet())")
+    if meta["method"] not in METHODS:
+        raise DfmpcError(f"the file was written by method {meta['method']!r}, which this dfmpc does not know; "
+                         f"it knows {', '.join(METHODS)}")
+    try:
+        method = METHODS[meta["method"]](meta["bits"], **meta["settings"])
+    except (TypeError, DfmpcError) as e:
+        raise DfmpcError(f"the file's settings of {meta['method']} are not ones this dfmpc takes ({e})") from None
+    with torch.no_grad():
+        arch = method.rebuild(arch) or arch
+    modules = dict(arch.named_modules())
+    for name, _role, _bits, _partner, _granularity, _factor, has_bias in meta["plan"]:
+        layer = modules.get(name)
+        if not isinstance(layer, (nn.Conv2d, nn.Linear)):
+            what = "has no layer" if layer is None else f"has a {type(layer).__name__}, not a Conv2d/Linear, as layer"
+            raise DfmpcError(f"the model {what} {name!r} that the file quantized: it was saved from another "
+                             f"architecture than {meta.get('model') or type(arch).__name__}")
+        if has_bias and layer.bias is None:  # bias correction gave a bias-free layer one
+            layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype))
+    return arch
+
+
+def _check_layout(meta: dict, state: dict, what: str) -> None:
+    if _fingerprint(state) != meta["state"].get("fingerprint"):
+        raise DfmpcError(f"{what} does not fit the file: the file holds {meta['state'].get('tensors')} tensors saved from "
+                         f"{meta.get('model') or 'a model of your own'}, the architecture here has {len(state)} "
+                         "whose names or shapes differ; load it with the architecture it was saved from")
+
+
+def save_quantized(qmodel: nn.Module, report, path: str | os.PathLike, model_name: str | None = None,
+                   provenance: dict | None = None) -> int:
+    """Write ``qmodel`` (from ``dfmpc.quantize``, with its ``report``) to ``path`` packed; return the bytes written.
+
+    ``model_name``: the ``dfmpc models`` name of the architecture, so that :func:`load_quantized` can rebuild it
+    (None for a model of your own: load it with ``model=``). ``provenance``: JSON-serializable facts to keep
+    with it (where the weights came from, the accuracy measured, ...). The model is not modified.
+    """
+    if not isinstance(qmodel, nn.Module):
+        raise DfmpcError(f"expected the quantized torch.nn.Module, got {type(qmodel).__name__}")
+    quantized = getattr(report, "quantized", None)
+    if not quantized:
+        raise DfmpcError("the report holds no integer codes; pass the report dfmpc.quantize returned with the model")
+    modules = dict(qmodel.named_modules())
+    state = {k: v.detach().cpu() for k, v in qmodel.state_dict().items()}
+    rows, packed, factors = [], {}, {}
+    for lr in report.layers:
+        layer = modules.get(lr.name)
+        if layer is None or f"{lr.name}.weight" not in state:
+            raise DfmpcError(f"the model has no layer {lr.name!r} of its report; pass the model and report that "
+                             "dfmpc.quantize returned together")
+        granularity = factor = None
+        if lr.bits < 32:
+            q = quantized.get(lr.name)
+            if q is None or q.bits != lr.bits:
+                raise DfmpcError(f"the report has no {lr.bits}-bit codes for layer {lr.name!r}; pass the report "
+                                 "dfmpc.quantize returned with the model")
+            factor, c = _factor_of(lr.name, layer, q, state[f"{lr.name}.weight"], report.compensation.get(lr.name))
+            packed[f"{lr.name}.weight"], factors[lr.name], granularity = q, c, q.granularity
+        rows.append((lr.name, lr.role, lr.bits, lr.partner, granularity, factor, layer.bias is not None))
+
+    codes, blobs = [], {}
+    for key, value in state.items():
+        q = packed.get(key)
+        if q is None:
+            blobs.setdefault(value.dtype, []).append(value.reshape(-1))
+            continue
+        offset = 1 if q.is_ternary else 0  # ternary {-1, 0, 1} -> {0, 1, 2}
+        codes.append(pack_codes((q.codes.cpu().to(torch.int16) + offset).numpy(), q.bits))
+        numbers = [q.scale.detach().cpu().to(value.dtype).reshape(-1)]
+        c = factors[key[:-len(".weight")]]
+        blobs.setdefault(value.dtype, []).extend(numbers + ([] if c is None else [c.reshape(-1)]))
+    tensors = {"codes": torch.from_numpy(np.concatenate(codes) if codes else np.zeros(0, np.uint8))}
+    tensors.update({str(dtype).replace("torch.", ""): torch.cat(parts) for dtype, parts in blobs.items()})
+    # a dtype whose numbers are all zero is left out (BatchNorm's num_batches_tracked, in most models)
+    zeros = sorted(k for k, t in tensors.items() if k != "codes" and not t.is_floating_point() and not t.any())
+    tensors = {k: t for k, t in tensors.items() if k not in zeros}
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, "dfmpc": __version__, "torch": torch.__version__,
+            "model": model_name, "method": report.method, "bits": report.bits, "settings": report.settings,
+            "size_mb": round(report.size_mb, 6), "fp32_size_mb": round(report.fp32_size_mb, 6), "zeros": zeros,
+            "plan": encode_plan(rows),
+            "state": {"tensors": len(state), "fingerprint": _fingerprint(state)}, "provenance": provenance or {}}
+    try:
+        meta["sha256"] = _digest(tensors, meta)
+    except TypeError as e:  # json.dumps: provenance that is not JSON
+        raise DfmpcError(f"provenance must be JSON data (str, numbers, lists, dicts): {e}") from None
+    if model_name is not None:  # fail now, not when someone loads the file
+        arch = _architecture({**meta, "plan": rows}, None)
+        _check_layout(meta, arch.state_dict(), f"model {model_name!r}")
+    return _write(tensors, meta, Path(path).expanduser())
+
+
+def _digest(tensors: dict, meta: dict) -> str:
+    """One SHA-256 over the metadata (but this digest; as sorted, compact JSON) and every tensor's name and bytes."""
+    fields = {k: v for k, v in meta.items() if k != "sha256"}
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode())
+    for name in sorted(tensors):
+        digest.update(name.encode() + b"\0" + tensors[name].contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _write(tensors: dict, meta: dict, path: Path) -> int:
+    """Write through a temporary file beside ``path``: a failure leaves no half-written file."""
+    from safetensors.torch import save
+
+    data = save(tensors, metadata={"dfmpc": json.dumps(meta, separators=(",", ":"))})
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise DfmpcError(f"cannot write {str(path)!r} ({e.strerror or type(e).__name__}); give a path in a "
+                         "writable folder") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return len(data)
+
+
+def _read(path: str | os.PathLike) -> tuple[dict, dict]:
+    """The metadata and tensors of a packed file, each tensor checked against its SHA-256."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DfmpcError(f"quantized model file {str(path)!r} does not exist; pass the file dfmpc quantize --save wrote")
+    bad = f"{str(path)!r} is not a dfmpc quantized model file"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        reason = str(e).splitlines()[0][:80] if str(e) else type(e).__name__
+        raise DfmpcError(f"{bad} (unreadable safetensors: {reason}); it may be truncated, write it again") from None
+    try:
+        meta = json.loads(header["dfmpc"])
+        if meta["format"] != FORMAT:
+            raise ValueError
+    except (KeyError, ValueError, TypeError):
+        raise DfmpcError(f"{bad} (no dfmpc metadata); write one with dfmpc.save_quantized or dfmpc quantize --save")\
+            from None
+    if meta.get("version") != FORMAT_VERSION:
+        raise DfmpcError(f"{str(path)!r} is format version {meta.get('version')} of {FORMAT}; this dfmpc reads "
+                         f"version {FORMAT_VERSION} (update dfmpc)")
+    wrong = [k for k, types in _FIELDS.items() if not isinstance(meta.get(k), types)]
+    if wrong:
+        raise DfmpcError(f"{str(path)!r} is damaged: its metadata field {wrong[0]!r} is missing or malformed; "
+                         "write it again")
+    if _digest(tensors, meta) != meta["sha256"]:
+        raise DfmpcError(f"{str(path)!r} is damaged: its contents do not match their checksum (modified or corrupted "
+                         "after it was written); write it again")
+    try:
+        meta["plan"] = decode_plan(meta["plan"])
+    except (KeyError, ValueError, TypeError, IndexError):
+        raise DfmpcError(f"{str(path)!r} is damaged: its plan cannot be read; write it again") from None
+    return meta, tensors
+
+
+def read_info(path: str | os.PathLike) -> dict:
+    """The metadata of a packed file, checked: model, method, bits, settings, sizes, provenance, and the plan as
+    one tuple per weight layer (name, role, bits, partner, scale granularity, compensation "in"/"out", has bias)."""
+    return _read(path)[0]
+
+
+def load_quantized(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+    """The quantized model saved in ``path`` (by :func:`save_quantized` or ``dfmpc quantize --save``), in eval
+    mode on the CPU; its outputs are bit-identical to those of the model that was saved.
+
+    ``model``: a fresh full-precision instance of the architecture, for a file saved without a model name
+    (or to override it); it is copied, not modified.
+    """
+    meta, tensors = _read(path)
+    arch = _architecture(meta, model)
+    state = arch.state_dict()
+    _check_layout(meta, state, "model= " + type(model).__name__ if model is not None else f"model {meta['model']!r}")
+    arch.load_state_dict(_unpacked_state(meta, tensors, arch, state), strict=True)
+    return arch.eval()
+
+
+def _unpacked_state(meta: dict, tensors: dict, arch: nn.Module, state: dict) -> dict:
+    """The state dict of the quantized model: codes dequantized, compensation applied, everything else as saved."""
+    modules = dict(arch.named_modules())
+    layers = {f"{row[0]}.weight": row for row in meta["plan"] if row[2] < 32}
+    blobs = {name: t for name, t in tensors.items() if name != "codes"}
+    offsets = dict.fromkeys(tensors, 0)
+    codes = tensors["codes"].numpy()
+    damaged = "the file's tensors do not fit its plan (damaged, or written by another dfmpc); write it again"
+
+    def take(dtype: torch.dtype, count: int) -> torch.Tensor:
+        name = str(dtype).replace("torch.", "")
+        if name in meta["zeros"]:
+            return torch.zeros(count, dtype=dtype)
+        start = offsets.get(name, 0)
+        if name not in blobs or start + count > blobs[name].numel():
+            raise DfmpcError(damaged)
+        offsets[name] = start + count
+        return blobs[name][start:start + count]
+
+    out = {}
+    for key, ref in state.items():
+        row = layers.get(key)
+        if row is None:
+            out[key] = take(ref.dtype, ref.numel()).reshape(ref.shape).clone()
+            continue
+        name, _role, bits, _partner, granularity, factor, _bias = row
+        count, nbytes = ref.numel(), _packed_bytes(ref.numel(), bits)
+        if offsets["codes"] + nbytes > codes.size:
+            raise DfmpcError(damaged)
+        values = unpack_codes(codes[offsets["codes"]:offsets["codes"] + nbytes], bits, count)
+        offsets["codes"] += nbytes
+        if bits == 2 and values.max(initial=0) > 2:
+            raise DfmpcError(f"layer {name!r} has ternary codes outside {{-1, 0, +1}}: the file is damaged")
+        level = torch.from_numpy(values.astype(np.int16) - (1 if bits == 2 else 0))
+        scale = take(ref.dtype, 1 if granularity == "tensor" else ref.shape[0]).clone()
+        q = QuantizedTensor(codes=level.to(torch.int8 if bits <= 7 else torch.int16).reshape(ref.shape),
+                            scale=scale.reshape(()) if granularity == "tensor" else scale, bits=bits,
+                            granularity=granularity)
+        layer = modules[name]
+        c = None if factor is None else take(ref.dtype, {"in": layer.weight.shape[1] * getattr(layer, "groups", 1),
+                                                           "out": ref.shape[0]}[factor]).clone()
+        out[key] = _apply_factor(layer, q.dequantize().to(ref.dtype), factor, c)
+    if any(offsets[name] != t.numel() for name, t in tensors.items()):
+        raise DfmpcError(damaged)
+    return out
