@@ -5,6 +5,7 @@ import itertools
 
 import pytest
 import torch
+from nets import random_bn
 from torch import nn
 
 import dfmpc
@@ -23,13 +24,7 @@ EXPECTED = ["original", "per-channel", "dfq", "omse", "dfmpc", "dfmpc+"]
 
 
 def _bn(c, seed):
-    g = torch.Generator().manual_seed(seed)
-    bn = nn.BatchNorm2d(c)
-    bn.running_mean.copy_(torch.randn(c, generator=g))
-    bn.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-    bn.weight.data.copy_(torch.rand(c, generator=g) + 0.5)
-    bn.bias.data.copy_(torch.randn(c, generator=g) * 0.5)
-    return bn
+    return random_bn(c, torch.Generator().manual_seed(seed))
 
 
 class Net(nn.Module):

@@ -6,6 +6,7 @@ import struct
 import numpy as np
 import pytest
 import torch
+from nets import random_bn
 from torch import fx, nn
 
 import dfmpc
@@ -15,15 +16,6 @@ from dfmpc.models import load_model
 from dfmpc.packed import decode_plan, encode_plan, pack_codes, read_info, unpack_codes
 
 WEIGHTS20 = "data/cifar10/weights/he2016_option_a/resnet20-12fca82f.th"
-
-
-def _bn(c, g):
-    bn = nn.BatchNorm2d(c)
-    bn.running_mean.copy_(torch.randn(c, generator=g))
-    bn.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-    bn.weight.data.copy_(torch.rand(c, generator=g) + 0.5)
-    bn.bias.data.copy_(torch.randn(c, generator=g) * 0.5)
-    return bn
 
 
 class Net(nn.Module):
@@ -36,9 +28,9 @@ class Net(nn.Module):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
-        self.conv0, self.bn0 = nn.Conv2d(3, c, 3, padding=1, bias=False), _bn(c, g)
+        self.conv0, self.bn0 = nn.Conv2d(3, c, 3, padding=1, bias=False), random_bn(c, g)
         self.act = nn.ReLU6() if relu6 else nn.ReLU()
-        self.dw, self.bn1 = nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False), _bn(c, g)
+        self.dw, self.bn1 = nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False), random_bn(c, g)
         self.conv2 = nn.Conv2d(c, 2 * c, 1, bias=False)
         self.relu = nn.ReLU()
         self.pool = nn.AdaptiveAvgPool2d(1)
