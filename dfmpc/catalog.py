@@ -76,10 +76,15 @@ METHOD_DESCRIPTIONS = {
                    "channel",
     "dfq": "DFQ (Nagel et al. 2019): cross-layer equalization (exact across ReLU6), BN folding, bias correction",
     "omse": "OMSE (Choukroun et al. 2019): per-channel scales/ternary thresholds minimising each channel's weight MSE",
+    "ocs": "OCS (Zhao et al. 2019): duplicate and halve the input channels holding the largest weights (expansion "
+           "ratio 0.05 unless set), then quantize",
+    "squant": "SQuant (Guo et al. 2022): data-free flip rounding, kernel and channel rounding-error sums near zero",
+    "zeroq": "ZeroQ (Cai et al. 2020): synthetic data distilled from the BN statistics calibrates clipping, bias "
+             "correction and BN re-estimation",
     "dfmpc": "DF-MPC: closed-form per-channel compensation of each low-bit layer by the next high-bit layer "
              "(Eq. 7-11)",
     "dfmpc+": "ours, data-free: mean correction and unbiased per-channel compensation from the BN statistics, "
-              "correlation-aware codes, folded into the BNs",
+              "correlation-aware ternary codes, flip-rounded k-bit codes, folded into the BNs",
 }
 
 

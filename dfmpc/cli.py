@@ -90,7 +90,7 @@ def cmd_benchmark(args) -> int:
 
 
 def cmd_experiments(args) -> int:
-    from .experiments import BOOK_PRESETS, EXPERIMENTS, book_data_dir, run_experiments
+    from .experiments import BOOK_OVERRIDES, BOOK_PRESETS, EXPERIMENTS, book_data_dir, run_experiments
 
     if args.list:
         for name, module in EXPERIMENTS.items():
@@ -105,7 +105,7 @@ def cmd_experiments(args) -> int:
     else:
         preset = "full" if args.full else "quick"
         out = args.out or f"results/{preset}"
-    overrides = {}
+    overrides = {}  # the same --set for every experiment named, after the book's own overrides (--book)
     for item in args.set or ():
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
@@ -117,7 +117,8 @@ def cmd_experiments(args) -> int:
     images, data_dirs = parse_images(args.images), parse_data_dirs(args.data_dir)
     check_output_dir(out, "--out")
     command = "dfmpc " + " ".join(args.argv)
-    run_experiments(names, preset, out, images=images, overrides={n: overrides for n in names},
+    per_experiment = {n: {**(BOOK_OVERRIDES[n] if args.book else {}), **overrides} for n in names}
+    run_experiments(names, preset, out, images=images, overrides=per_experiment,
                     jobs=args.jobs, command=command, device=args.device, seed=args.seed,
                     threads=args.threads, progress=not args.no_progress, data_dirs=data_dirs,
                     batch_size=args.batch_size)
@@ -186,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--fold", choices=("next", "bn"), default="next",
                    help="put c into layer l+1 (Eq. 7) or into the BN of layer l")
     _common(q, images_help="evaluate on a fixed random subset of N images, or 'all' (default all)")
+    q.add_argument("--split", choices=("all", "dev", "test"), default="all",
+                   help="evaluate on one fixed half of the set: 'dev' (even positions, for decisions) or 'test' "
+                        "(odd positions, for reporting); default all images")
     q.add_argument("--save", metavar="FILE",
                    help="write the quantized model packed (codes at their bit width, safetensors); "
                         "dfmpc.load_quantized(FILE) loads it")

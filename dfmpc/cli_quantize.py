@@ -28,12 +28,13 @@ _NOTES = {  # what a number measured on an offline copy can be compared with
 }
 
 
-def method_settings(method: str, args) -> list[dict]:
-    """The settings each run of ``method`` gets: one per (lambda1, lambda2) if it takes lambdas, else one."""
-    from .methods import METHODS
+def method_settings(method: str, args, spec=None) -> list[dict]:
+    """The settings each run of ``method`` gets: one per (lambda1, lambda2) if it takes lambdas, else one; the
+    model's input size for zeroq (``spec``: the model's ModelSpec)."""
+    from .methods import METHODS, settings_for_model
 
     accepted = inspect.signature(METHODS[method].__init__).parameters
-    common = {"unpaired": args.unpaired, "keep_fp32": tuple(args.keep_fp32)}
+    common = {"unpaired": args.unpaired, "keep_fp32": tuple(args.keep_fp32), **settings_for_model(method, spec)}
     if args.granularity is not None:  # else each method's own default (per-channel, omse, dfmpc+: channel)
         common["granularity"] = args.granularity
     if "fold" in accepted:
@@ -101,17 +102,19 @@ def _data(args, spec, dataset_name: str, images):
     data_dir = parse_data_dirs(args.data_dir, dataset_name).get(dataset_name)
     folder = data_folder(dataset_name, data_dir)
     load = dict(name=dataset_name, data_dir=data_dir, transform=spec.eval_transform(), progress=not args.no_progress)
-    available = len(load_dataset(**load))  # the file list only: nothing is decoded
-    data = load_dataset(limit=None if images == "all" else images, seed=args.seed, cache=True, **load)
-    record = data_record(dataset_name, folder, available, len(data), images, args.seed, False)
+    split = None if args.split == "all" else args.split
+    available = len(load_dataset(split=split, **load))  # the file list only: nothing is decoded
+    data = load_dataset(limit=None if images == "all" else images, seed=args.seed, cache=True, split=split, **load)
+    record = data_record(dataset_name, folder, available, len(data), images, args.seed, False, split)
     return data, record, load
 
 
 def _header(args, spec, record, weights: str) -> list[str]:
-    used = f"{record['images']:,}" + ("" if record["images"] >= record["available"]
-                                      else f" of {record['available']:,} (random subset, seed {args.seed})")
     lines = [f"model    {args.model} ({spec.dataset}, {spec.source})", f"weights  {weights}",
-             f"data     {record['dataset']}: {used} images from {record['path']}"]
+             f"data     {record['dataset']}: {record['images']:,} images from {record['path']}"]
+    if record["selection"] != "all":
+        of = f", out of {record['available']:,} images" if record["images"] < record["available"] else ""
+        lines.append(f"         {record['selection']}{of}")
     if record["offline_copy"] and record["dataset"] in _NOTES:
         lines += [f"         {line}" for line in _NOTES[record["dataset"]]]
     return lines
@@ -137,7 +140,7 @@ def cmd_quantize(args) -> int:
         print("random weights: the accuracies are meaningless; 'agree %' says how close each quantized model stays "
               "to fp32")
     runs = [(bits, method, settings) for bits in checked["bits"] for method in checked["methods"]
-            for settings in method_settings(method, args)]
+            for settings in method_settings(method, args, spec)]
     criterion = "top1" if labelled else "agreement"
     results, cold, keep = _measure(args, model, data, device, runs, criterion)
     print(format_table(results))

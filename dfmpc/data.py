@@ -8,6 +8,12 @@
 * ImageNet from a folder ``<wnid>/*.JPEG`` whose labels are the line numbers of the wnids in
   ``synset_words.txt`` -- not the enumeration of the folders present, which is wrong as soon
   as a class is missing (the shared subset has 725 of the 1,000 classes).
+
+Development and test halves (``split=``): every evaluation set is cut in two fixed halves by position in its
+list (class folders sorted by name, files sorted by name within a class; torchvision's CIFAR test set in its
+stored order): images at even positions 0, 2, 4, ... form the development half ``"dev"``, those at odd
+positions the test half ``"test"``. Both halves cover every class about equally. Design choices and
+hyperparameters are decided on ``"dev"``; headline numbers are reported on ``"test"``.
 """
 from __future__ import annotations
 
@@ -20,10 +26,22 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 from .errors import DfmpcError
 from .paths import DATASETS, default_data_dir, download_dir, repository_root, shared_dir
 
-__all__ = ["load_dataset", "data_folder", "download_dir", "default_data_dir", "shared_dir", "repository_root",
+__all__ = ["SPLITS", "split_positions",
+           "load_dataset", "data_folder", "download_dir", "default_data_dir", "shared_dir", "repository_root",
            "ImageListDataset", "DATASETS"]
 
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".webp")
+#: the halves of every evaluation set: name -> the parity of the positions it takes
+SPLITS = {"dev": 0, "test": 1}
+
+
+def split_positions(size: int, split: str | None) -> list[int]:
+    """Positions of the images of ``split`` ("dev": even, "test": odd, None or "all": every one) in a set of ``size``."""
+    if split is None or split == "all":
+        return list(range(size))
+    if split not in SPLITS:
+        raise DfmpcError(f"unknown split {split!r}; use 'dev' (the development half), 'test' (the test half) or 'all'")
+    return list(range(SPLITS[split], size, 2))
 
 
 class ImageListDataset(Dataset):
@@ -63,7 +81,7 @@ def data_folder(name: str, data_dir: str | os.PathLike | None = None) -> Path:
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, transform=None, limit: int | None = None,
                  seed: int = 0, download: bool = True, cache: bool = False,
-                 synsets: str | os.PathLike | None = None, progress: bool = True) -> Dataset:
+                 synsets: str | os.PathLike | None = None, progress: bool = True, split: str | None = None) -> Dataset:
     """Evaluation split of ``name`` ("cifar10", "cifar100", "imagenet") yielding ``(image, label)``.
 
     ``data_dir``: see the module docstring; None -> :func:`default_data_dir`, else (CIFAR only)
@@ -73,6 +91,8 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, transform
     ``cache=True``: decode and transform every image once and keep the tensors in memory
     (``transform`` defaults to ``ToTensor`` then).  ``synsets``: ImageNet class list, default
     ``synset_words.txt`` in ``data_dir`` or its parent.  ``progress``: show the caching progress bar.
+    ``split``: "dev" or "test" for one half of the set (module docstring), taken before ``limit``;
+    None or "all" for the whole set.
     """
     key = name.strip().lower()
     if key not in DATASETS:
@@ -97,9 +117,12 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, transform
     else:
         dataset = _cifar_torchvision(root, key, transform, download)
 
-    if limit is not None and limit < len(dataset):
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
-        dataset = Subset(dataset, order[:limit].tolist())
+    positions = split_positions(len(dataset), split)
+    if limit is not None and limit < len(positions):
+        order = torch.randperm(len(positions), generator=torch.Generator().manual_seed(seed))
+        positions = [positions[i] for i in order[:limit].tolist()]
+    if len(positions) < len(dataset):
+        dataset = Subset(dataset, positions)
     return _cache(dataset, key, progress) if cache else dataset
 
 

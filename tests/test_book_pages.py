@@ -85,6 +85,7 @@ def test_the_introductions_headline_numbers_are_measured_and_quoted_right():
     """The intro's "In brief" quotes the paper's Table 1 and our full comparison (book/data/compare.json)."""
     from dfmpc.experiments import load_result
     from dfmpc.experiments.paper import PAPER
+    from dfmpc.methods import METHODS
 
     intro = " ".join((ROOT / "book" / "intro.md").read_text().split())
     paper = PAPER["table1"]["ResNet56"]
@@ -93,7 +94,11 @@ def test_the_introductions_headline_numbers_are_measured_and_quoted_right():
     entry = next(e for e in load_result("compare")["results"]["models"] if e["model"] == "resnet56_cifar10_a")
     top1 = {(r["method"], r["bits"]): r["top1"] for r in load_result("compare")["results"]["rows"]
             if r["model"] == "resnet56_cifar10_a"}
-    assert entry["images"] == 10000
+    assert entry["images"] == 5000 and entry["data"]["split"] == "test"
     assert (f"we measure {top1[('dfmpc', '2/6')]:.2f} % against {top1[('original', '2/6')]:.2f} % "
-            f"(fp32 {entry['fp32']['top1']:.2f} %, all 10,000 test images") in intro
+            f"(fp32 {entry['fp32']['top1']:.2f} %, the 5,000 test-half images") in intro
     assert f"reaches {top1[('dfmpc+', '2/6')]:.2f} % on the same images" in intro
+    data_free = [m for m, cls in METHODS.items() if m not in ("original", "dfmpc", "dfmpc+") and not cls.uses_synthetic_data]
+    best = max(data_free, key=lambda m: top1[(m, "2/6")])
+    assert f"(best: {best.upper() if best == 'dfq' else best}, {top1[(best, '2/6')]:.2f} %)" in intro
+    assert f"synthetic images reaches {top1[('zeroq', '2/6')]:.2f} %" in intro

@@ -104,7 +104,7 @@ def test_quantize_explains_itself_and_saves_the_most_accurate(capsys, tmp_path, 
     assert rows[1]["size_mb"] < rows[0]["size_mb"] / 4
     assert data["warmup"]["method"] == "original" and data["cold_quantize_seconds"] > 0
     # what was measured on what, in words
-    assert str(shared / WEIGHTS20) in out and str(data_dir) in out and "200 of 10,000" in out
+    assert str(shared / WEIGHTS20) in out and str(data_dir) in out and "out of 10,000 images" in out
     assert "JPEG copy: relative comparisons only" in out and data["data"]["offline_copy"] is True
     assert "top-1 %" in out and "dfmpc+" in out and "warm-up" in out
     # the saved model is the most accurate one measured, and loads back bit-identical to a fresh quantization
@@ -131,6 +131,15 @@ def test_save_method_picks_the_model_to_save(capsys, tmp_path, shared):
                        "--save-method", "original")
     assert code == 0 and "saved original 2/6" in out and "the only original model measured" in out
     assert dfmpc.packed.read_info(saved)["method"] == "original"
+
+
+def test_split_evaluates_one_fixed_half_and_says_so(capsys, tmp_path, shared):
+    out_json = tmp_path / "r.json"
+    code, out, _ = run(capsys, "quantize", "--model", "resnet20_cifar10_a", "--weights", str(shared / WEIGHTS20),
+                       "--method", "original", "--split", "test", "--images", "32", "--no-progress", "--json", str(out_json))
+    record = json.loads(out_json.read_text())["data"]
+    assert code == 0 and "random subset of the test half (odd positions), seed 0, out of 5,000 images" in out
+    assert record["split"] == "test" and record["available"] == 5000 and record["images"] == 32
 
 
 def test_without_meaningful_labels_the_saved_model_is_the_most_faithful(capsys, tmp_path, shared):

@@ -1,4 +1,5 @@
 """The experiments package: measurements, settings, the runner and its JSON, the comparison, the book's results."""
+import copy
 import itertools
 import json
 import math
@@ -287,9 +288,13 @@ def test_compare_has_every_cell_and_its_views_read_them(shared):
     assert "resnet20_cifar10_a" in compare.format_table(data) and "no mean correction" in compare.format_ablation(data)
     assert compare.figure(data, "resnet20_cifar10_a", "2/6", "original") == res["rows"][2]["top1"]
     assert compare.figure(data, "resnet20_cifar10_a", "4/6", "dfmpc+", "size_mb") == res["rows"][1]["size_mb"]
-    # the ablation's unchanged variant is the dfmpc+ cell: same deterministic quantization, same images
-    assert compare.figure(data, "resnet20_cifar10_a", "2/6", variant="dfmpc+") == compare.figure(
-        data, "resnet20_cifar10_a", "2/6", "dfmpc+")
+    # the protocol: the table on the test half, the ablation (which decides) on the development half
+    assert res["models"][0]["data"]["split"] == "test" and res["ablation_fp32"][0]["data"]["split"] == "dev"
+    assert res["protocol"]["development_models"] == ["resnet20_cifar10_a"]
+    # the ablation's unchanged variant is the dfmpc+ cell's quantization (same model), on other images
+    assert compare.figure(data, "resnet20_cifar10_a", "2/6", variant="dfmpc+", field="size_mb") == compare.figure(
+        data, "resnet20_cifar10_a", "2/6", "dfmpc+", "size_mb")
+    assert all(r["top1_se"] > 0 for r in res["rows"]) and "standard error" in compare.format_table(data)
     with pytest.raises(DfmpcError, match="no result for resnet20_cifar10_a at 3/6"):
         compare.figure(data, "resnet20_cifar10_a", "3/6", "original")
     with pytest.raises(DfmpcError, match="unknown method"):
@@ -372,7 +377,9 @@ def test_every_result_the_book_shows_is_committed_with_its_provenance():
     for name, result in BOOK.items():
         assert result["preset"] == experiments.BOOK_PRESETS[name], name
         assert result["command"].startswith("dfmpc experiments") and result["created"] and result["versions"]["dfmpc"]
-        assert result["settings"] == experiments.settings_for(name, result["preset"], result["images_override"]), (
+        expected = experiments.settings_for(name, result["preset"], result["images_override"],
+                                            experiments.BOOK_OVERRIDES[name])
+        assert result["settings"] == expected, (
             f"book/data/{name}.json was made with other settings than the code's {result['preset']} preset; "
             "rerun dfmpc experiments --book")
         for record in result["data"]:
@@ -380,44 +387,71 @@ def test_every_result_the_book_shows_is_committed_with_its_provenance():
 
 
 def test_the_books_comparison_is_whole_and_consistent():
-    """book/data/compare.json (the book's full table) has every model x bits x method cell once, and the
-    ablation's unchanged dfmpc+ row equals the dfmpc+ cell (same deterministic quantization, same images)."""
+    """book/data/compare.json (the book's full table) has every model x bits x method cell once, on the test half;
+    the ablation ran on the development half of the development models only, its unchanged dfmpc+ row being the
+    dfmpc+ cell's quantization."""
     data = BOOK["compare"]
     cfg = data["settings"]
     assert cfg["images"] is None and all(e["images"] == e["data"]["available"] for e in data["results"]["models"])
     cells = [(r["model"], r["bits"], r["method"]) for r in data["results"]["rows"]]
     assert sorted(cells) == sorted(itertools.product(cfg["models"], cfg["bits"], METHODS))
     assert [e["model"] for e in data["results"]["models"]] == cfg["models"]
+    assert all(e["data"]["split"] == "test" for e in data["results"]["models"])
+    assert {e["model"] for e in data["results"]["ablation_fp32"]} == set(compare.DEVELOPMENT_MODELS)
+    assert all(e["data"]["split"] == "dev" for e in data["results"]["ablation_fp32"])
     for model, bits in {(r["model"], r["bits"]) for r in data["results"]["ablation"]}:
-        assert compare.figure(data, model, bits, variant="dfmpc+") == compare.figure(data, model, bits, "dfmpc+")
+        assert model in compare.DEVELOPMENT_MODELS  # nothing is decided on the confirmation models
+        assert compare.figure(data, model, bits, variant="dfmpc+", field="size_mb") == compare.figure(
+            data, model, bits, "dfmpc+", "size_mb")
+
+
+def test_dfmpc_plus_defaults_survive_the_ablations_decision_rule():
+    """No variant of the committed ablation (development half of the development models) beats the defaults
+    under compare.DECISION_RULE; and the rule does adopt a variant that is better everywhere."""
+    data = BOOK["compare"]
+    decisions = compare.ablation_decisions(data)
+    assert {d["variant"] for d in decisions} == set(compare.ABLATION) - {"dfmpc+"}
+    assert all(d["cells"] == 2 * len(data["settings"]["ablation_bits"]) for d in decisions)
+    assert not [d["variant"] for d in decisions if d["adopted"]]
+    better = copy.deepcopy(data)
+    for r in better["results"]["ablation"]:
+        if r["variant"] == "one scale per tensor":
+            r["top1"] = compare.figure(data, r["model"], r["bits"], variant="dfmpc+") + 0.1
+    assert next(d for d in compare.ablation_decisions(better) if d["variant"] == "one scale per tensor")["adopted"]
 
 
 def test_readme_table_quotes_the_books_comparison():
-    """Every top-1 figure in the README's table is the one in book/data/compare.json, and the
-    "best other baseline" column names the best of the baselines other than original and dfmpc."""
+    """Every top-1 figure in the README's table is the one in book/data/compare.json, every bit width of it is
+    there, the "best data-free baseline" column names the best of the data-free baselines (not original,
+    dfmpc, dfmpc+ or the synthetic-data zeroq), and the bold figure is the best of its row."""
     data = BOOK["compare"]
     names = {"ResNet-20": "resnet20_cifar10_a", "ResNet-56": "resnet56_cifar10_a", "EfficientNet-Lite0": "efficientnet_lite0",
              "EfficientNet-Lite2": "efficientnet_lite2"}
-    others = [m for m in METHODS if m not in ("original", "dfmpc", "dfmpc+")]
-    rows, model = 0, None
+    others = [m for m, cls in METHODS.items() if m not in ("original", "dfmpc", "dfmpc+") and not cls.uses_synthetic_data]
+    seen = []
     for line in (ROOT / "README.md").read_text().splitlines():
         if not line.startswith("| ") or "---" in line or "model (fp32)" in line:
             continue
-        cells = [c.strip().strip("*") for c in line.strip().strip("|").split("|")]
+        raw = [c.strip() for c in line.strip().strip("|").split("|")]
+        cells = [c.strip("*") for c in raw]
         if cells[0]:
             model = names[cells[0].split(",")[0]]
             fp32 = float(cells[0].rsplit("(", 1)[1].rstrip(")"))
             assert fp32 == round(next(e["fp32"]["top1"] for e in data["results"]["models"] if e["model"] == model), 2)
-        bits, best = cells[1], cells[3]
-        best_value, best_method = best.split(" (")
+        bits = cells[1]
+        best_value, best_method = cells[3].split(" (")
         best_method = best_method.rstrip(")")
-        quoted = (("original", cells[2]), (best_method, best_value), ("dfmpc", cells[4]), ("dfmpc+", cells[5]))
+        quoted = (("original", cells[2]), (best_method, best_value.strip("*")), ("zeroq", cells[4]),
+                  ("dfmpc", cells[5]), ("dfmpc+", cells[6]))
         for method, value in quoted:
             assert float(value) == round(compare.figure(data, model, bits, method), 2), (model, bits, method)
         assert best_method == max(others, key=lambda m: compare.figure(data, model, bits, m))
-        rows += 1
-    labelled = [e for e in data["results"]["models"] if e["metric"] == "top1"]  # agreement-only models are not in it
-    assert rows == len(labelled) * 3
+        top = max(float(v.strip("*")) for _, v in quoted)
+        bold = [float(c.split()[0].strip("*")) for c in raw[2:] if c.startswith("**")]
+        assert bold and all(b == top for b in bold), (model, bits, bold, top)
+        seen.append((model, bits))
+    labelled = [e["model"] for e in data["results"]["models"] if e["metric"] == "top1"]  # agreement-only not in it
+    assert seen == [(m, b) for m in labelled for b in data["settings"]["bits"]]
 
 
 def test_readme_coverage_sentence_quotes_the_books_coverage():

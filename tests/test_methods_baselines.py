@@ -20,7 +20,7 @@ from dfmpc.plan import plan_layers
 from dfmpc.propagation import following_batch_norms, input_moments
 from dfmpc.quantizers import quantize_weight
 
-EXPECTED = ["original", "per-channel", "dfq", "omse", "dfmpc", "dfmpc+"]
+EXPECTED = ["original", "per-channel", "dfq", "omse", "ocs", "squant", "zeroq", "dfmpc", "dfmpc+"]
 
 
 def _bn(c, seed):

@@ -11,6 +11,7 @@ import dfmpc
 from dfmpc.errors import DfmpcError
 from dfmpc.methods.dfmpc_plus import (
     DFMPCPlus,
+    _best_block_codes,
     channel_gain,
     compensation_from_gain,
     correlated_cosine,
@@ -187,6 +188,48 @@ def test_correlated_ternary_improves_on_its_start_and_no_block_can_do_better(see
             assert e <= err.min() + 1e-9
 
 
+def _alternate_every_channel(w, rho, v, restarts=(1.0, 0.7, 1.4), iterations=30):
+    """Reference for correlated_ternary: the alternation run on all channels together until none moves."""
+    o, i = w.shape[:2]
+    wd = w.double().reshape(o, i, -1)
+    q0 = mse_optimal_ternary(w, "channel", v[:, :, None].expand(o, i, wd.shape[2]).reshape(w.shape)).codes.double()
+    q0 = q0.reshape(wd.shape)
+
+    def inner(x, y):
+        return (v * ((1 - rho) * (x * y).sum(2) + rho * x.sum(2) * y.sum(2))).sum(1)
+
+    def scale(c):
+        n = inner(c, c)
+        return torch.where(n > 0, inner(c, wd) / torch.where(n > 0, n, torch.ones_like(n)), torch.zeros_like(n))
+
+    best_q, best_cos = q0, inner(q0, wd) ** 2 / inner(q0, q0).clamp(min=1e-300)
+    for restart in restarts:
+        q, alpha = q0, scale(q0) * restart
+        for _ in range(iterations):
+            q = torch.where((alpha > 0)[:, None, None], _best_block_codes(wd, alpha, rho), q)
+            new_alpha = scale(q)
+            if torch.equal(new_alpha, alpha):
+                break
+            alpha = new_alpha
+        cos = torch.where(inner(q, wd) > 0, inner(q, wd) ** 2 / inner(q, q).clamp(min=1e-300), torch.zeros_like(alpha))
+        better = cos > best_cos * (1 + 1e-12)
+        best_q, best_cos = torch.where(better[:, None, None], q, best_q), torch.where(better, cos, best_cos)
+    return best_q.reshape(w.shape)
+
+
+@pytest.mark.parametrize("rho", (0.05, 0.5, 0.9))
+def test_correlated_ternary_stops_each_channel_at_its_fixed_point_with_the_same_codes(rho):
+    """correlated_ternary drops every channel that has converged from the alternation (for speed); the codes
+    must be those of alternating every channel until all have converged."""
+    g = torch.Generator().manual_seed(int(rho * 100))
+    w = torch.randn(48, 16, 3, 3, generator=g) * torch.rand(48, 1, 1, 1, generator=g) + 0.05
+    w[3] = 0  # an all-zero channel stays all zero
+    v = torch.rand(48, 16, generator=g, dtype=torch.float64) + 0.5
+    ours = correlated_ternary(w, rho, v)
+    assert torch.equal(ours.codes.double(), _alternate_every_channel(w, rho, v))
+    assert not ours.codes[3].any() and ours.scale[3] == 0
+
+
 def test_correlated_ternary_on_tiny_filters_reaches_the_brute_force_optimum_mostly():
     hits = 0
     for seed in range(10):
@@ -308,3 +351,39 @@ def test_dfmpc_plus_reads_no_data(monkeypatch, shared):
     q, report = dfmpc.quantize(model, "2/6", method="dfmpc+")
     assert len(report.pairs) == 9
     assert all(torch.equal(a, b) for a, b in zip(q.state_dict().values(), reference.state_dict().values()))
+
+
+@pytest.mark.parametrize("granularity", ["channel", "tensor"])
+@pytest.mark.parametrize("bits", [3, 4, 6])
+def test_flip_rounding_keeps_the_grid_and_drives_the_kernel_and_channel_sums_to_zero(bits, granularity):
+    from dfmpc.methods.dfmpc_plus import flip_rounded
+
+    w = torch.randn(8, 5, 3, 3, generator=torch.Generator().manual_seed(bits))
+    nearest = quantize_weight(w, bits, granularity)
+    flipped = flip_rounded(w, nearest)
+    n = 2**bits - 1
+    scale = nearest.scale.reshape(-1, 1, 1, 1) if granularity == "channel" else nearest.scale
+    x = (n * (w / (2 * scale) + 0.5)).double().clamp(0, n)  # the weight in grid units
+    assert torch.equal(flipped.scale, nearest.scale) and flipped.codes.min() >= 0 and flipped.codes.max() <= n
+    assert ((flipped.codes.double() - x).abs() < 1).all()  # each weight moves to its floor or its ceiling only
+    assert (flipped.codes != nearest.codes).any()  # something was flipped
+    err_flip, err_near = flipped.codes.double() - x, nearest.codes.double() - x
+    # every output channel's rounding-error sum within half a step, never further from zero than nearest's
+    assert (err_flip.sum(dim=(1, 2, 3)).abs() <= 0.5 + 1e-9).all()
+    assert err_flip.sum(dim=(2, 3)).abs().sum() < err_near.sum(dim=(2, 3)).abs().sum()
+
+
+def test_dfmpc_plus_flip_rounds_k_bit_layers_by_default_and_nearest_on_request():
+    from dfmpc.methods.dfmpc_plus import DFMPCPlus
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    flip_q, flip_report = dfmpc.quantize(model, "4/6", method="dfmpc+")
+    near_q, near_report = dfmpc.quantize(model, "4/6", method="dfmpc+", rounding="nearest")
+    assert flip_report.settings["rounding"] == "flip" and near_report.settings["rounding"] == "nearest"
+    assert any(not torch.equal(flip_report.quantized[k].codes, near_report.quantized[k].codes)
+               for k in flip_report.quantized)
+    assert DFMPCPlus().rounding == "flip"
+    with pytest.raises(DfmpcError, match="unknown rounding 'stochastic'"):
+        dfmpc.quantize(model, "4/6", method="dfmpc+", rounding="stochastic")

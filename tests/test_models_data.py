@@ -14,7 +14,7 @@ import torch.fx
 
 from dfmpc.catalog import MODELS, TORCHVISION_FILES
 from dfmpc.cifar_resnet import CifarResNet, PadShortcut
-from dfmpc.data import default_data_dir, load_dataset, repository_root, shared_dir
+from dfmpc.data import default_data_dir, load_dataset, repository_root, shared_dir, split_positions
 from dfmpc.errors import DfmpcError
 from dfmpc.evaluate import evaluate
 from dfmpc.models import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, list_models, load_model
@@ -107,6 +107,26 @@ def test_cifar_folder_labels_and_limit_determinism():
     assert a.indices == b.indices != c.indices
     assert len(set(full.targets[i] for i in a.indices)) > 5  # a random subset, not the first class
     assert len(load_dataset("cifar10", CIFAR_DIR, limit=10**6)) == 10_000
+
+
+@needs_shared
+def test_development_and_test_halves_are_fixed_disjoint_and_balanced():
+    full = load_dataset("cifar10", CIFAR_DIR)
+    dev, test = load_dataset("cifar10", CIFAR_DIR, split="dev"), load_dataset("cifar10", CIFAR_DIR, split="test")
+    assert dev.indices == list(range(0, 10_000, 2)) and test.indices == list(range(1, 10_000, 2))
+    for half in (dev, test):  # every class about equally (1,000 test images per class in CIFAR-10)
+        counts = torch.bincount(torch.tensor([full.targets[i] for i in half.indices]), minlength=10)
+        assert counts.min() >= 490 and counts.max() <= 510
+    sub = load_dataset("cifar10", CIFAR_DIR, split="test", limit=40, seed=1)
+    assert len(sub) == 40 and set(sub.indices) <= set(test.indices)
+    assert sub.indices == load_dataset("cifar10", CIFAR_DIR, split="test", limit=40, seed=1).indices
+    # without a split, the subsets are those of earlier versions (committed results stay reproducible)
+    order = torch.randperm(10_000, generator=torch.Generator().manual_seed(3))[:50].tolist()
+    assert load_dataset("cifar10", CIFAR_DIR, limit=50, seed=3).indices == order
+    assert split_positions(5, "dev") == [0, 2, 4] and split_positions(5, "test") == [1, 3]
+    assert split_positions(3, None) == split_positions(3, "all") == [0, 1, 2]
+    with pytest.raises(DfmpcError, match="unknown split 'train'"):
+        load_dataset("cifar10", CIFAR_DIR, split="train")
 
 
 @needs_shared

@@ -24,7 +24,7 @@ from .book import book_data_dir, data_label, describe, load_result, md_table
 from .runner import SCHEMA, run_experiment, run_experiments, settings_for
 from .session import PRESETS, Session
 
-__all__ = ["EXPERIMENTS", "GROUPS", "BOOK_PRESETS", "PRESETS", "SCHEMA", "Session", "run_experiment",
+__all__ = ["EXPERIMENTS", "GROUPS", "BOOK_PRESETS", "BOOK_OVERRIDES", "PRESETS", "SCHEMA", "Session", "run_experiment",
            "run_experiments", "settings_for", "load_result", "book_data_dir", "describe", "data_label", "md_table"]
 
 EXPERIMENTS = {m.NAME: m for m in (table1, table2, table34, fig3, fig4, fig5, timing, diagnosis, compare, baselines,
@@ -38,3 +38,6 @@ GROUPS = (("table1", "fig3", "fig4", "diagnosis", "coverage", "baselines"),
 #: The preset of every result the book shows (``book/data/<name>.json``): the comparison, the baselines' checks
 #: and the coverage in full, the paper's experiments in the quick preset (a CPU would need hours for their grids).
 BOOK_PRESETS = {name: getattr(module, "BOOK_PRESET", "quick") for name, module in EXPERIMENTS.items()}
+#: Settings the book's result changes in its preset (``--book`` applies them before any ``--set``): the diagnosis
+#: runs its placement section on the full test set of ResNet-56, the rest of it in the quick preset.
+BOOK_OVERRIDES = {name: dict(getattr(module, "BOOK_OVERRIDES", {})) for name, module in EXPERIMENTS.items()}

@@ -5,30 +5,38 @@ copy with the method's own default settings (``dfmpc methods`` lists them) and e
 images; optionally the dfmpc+ ablation (one ingredient changed at a time). Every row carries the method,
 bits, top-1/top-5, agreement with full precision, size in MB and single-thread seconds to quantize.
 
+The protocol (:mod:`dfmpc.data`, "Development and test halves"): the table of every method is measured on the
+``split`` half of each evaluation set ("test"), the ablation that decides dfmpc+'s design on the
+``ablation_split`` half ("dev") of the ``ablation_models`` only (ResNet-20 and EfficientNet-Lite0). ResNet-56 and
+EfficientNet-Lite2 never enter a decision: they confirm or refute it.
+
 The view helpers (:func:`pivot`, :func:`figure`, :func:`format_table`, :func:`format_ablation`) take the
 result as :func:`dfmpc.experiments.load_result` returns it.
 """
 from __future__ import annotations
 
 from ..errors import DfmpcError
-from ..methods import METHODS
+from ..methods import METHODS, settings_for_model
 from ..plan import parse_bits
 from ..size import fp32_size_mb
 
-__all__ = ["NAME", "TITLE", "BOOK_PRESET", "SETTINGS", "ABLATION", "run", "pivot", "figure", "format_table", "format_ablation"]
+__all__ = ["NAME", "TITLE", "BOOK_PRESET", "SETTINGS", "ABLATION", "DEVELOPMENT_MODELS", "DECISION_RULE",
+           "ablation_decisions", "standard_error", "run", "pivot", "figure", "format_table", "format_ablation"]
 
 NAME = "compare"
 TITLE = "Comparison: every method x bit width x model"
 BOOK_PRESET = "full"  # the book shows the comparison on all images of the offline sets
 BITS = ["2/6", "3/6", "4/6", "6/6"]
+DEVELOPMENT_MODELS = ["resnet20_cifar10_a", "efficientnet_lite0"]  # the only models any design choice is decided on
 SETTINGS = {
-    "quick": {"models": ["resnet20_cifar10_a"], "images": 500, "bits": BITS, "methods": list(METHODS),
-              "ablation_models": ["resnet20_cifar10_a"], "ablation_bits": ["2/6"]},
+    "quick": {"models": ["resnet20_cifar10_a"], "images": 500, "split": "test", "bits": BITS, "methods": list(METHODS),
+              "ablation_models": ["resnet20_cifar10_a"], "ablation_bits": ["2/6"], "ablation_images": 500,
+              "ablation_split": "dev"},
     # every pretrained model available offline; the CIFAR-100 ResNet-56 through its agreement with fp32 only
     "full": {"models": ["resnet20_cifar10_a", "resnet56_cifar10_a", "chenyaofo_resnet56_cifar100", "efficientnet_lite0",
-                        "efficientnet_lite2"], "images": None,
-             "bits": BITS, "methods": list(METHODS), "ablation_models": ["resnet20_cifar10_a", "resnet56_cifar10_a"],
-             "ablation_bits": ["2/6", "3/6"]},
+                        "efficientnet_lite2"], "images": None, "split": "test",
+             "bits": BITS, "methods": list(METHODS), "ablation_models": DEVELOPMENT_MODELS,
+             "ablation_bits": ["2/6", "3/6", "4/6"], "ablation_images": None, "ablation_split": "dev"},
 }
 #: dfmpc+ with one ingredient changed at a time (label -> settings), run at ``ablation_bits``.
 ABLATION = {
@@ -40,31 +48,47 @@ ABLATION = {
     "codes without kernel correlation (rho = 0)": {"correlation": 0.0},
     "codes weighted by input variances": {"weighting": "variance"},
     "one scale per tensor": {"granularity": "tensor"},
+    "max-scale clipping of k-bit layers": {"clipping": "none"},
+    "k-bit codes rounded to nearest (no flip rounding)": {"rounding": "nearest"},
 }
 
 
+def standard_error(percent: float | None, images: int) -> float | None:
+    """The standard error, in points, of an accuracy of ``percent`` % measured on ``images`` images (binomial)."""
+    if percent is None or images < 1:
+        return None
+    p = percent / 100
+    return 100 * (p * (1 - p) / images) ** 0.5
+
+
 def _scores(pred, labelled: bool) -> dict:
-    """top-1, top-5 and loss where the labels are the model's classes; None where they are not (agreement only)."""
-    return pred.scores() if labelled else {"top1": None, "top5": None, "loss": None, "images": len(pred)}
+    """top-1, top-5 and loss where the labels are the model's classes; None where they are not (agreement only);
+    with the standard error of the top-1."""
+    if not labelled:
+        return {"top1": None, "top5": None, "loss": None, "images": len(pred), "top1_se": None}
+    scores = pred.scores()
+    return {**scores, "top1_se": standard_error(scores["top1"], len(pred))}
 
 
-def _row(session, model: str, dataset: str, images, method: str, bits: str, fp, labelled: bool, **settings) -> dict:
-    pred, _ = session.predict(model, dataset, images, method, bits, **settings)
+def _row(session, model: str, dataset: str, images, split, method: str, bits: str, fp, labelled: bool,
+         **settings) -> dict:
+    pred, _ = session.predict(model, dataset, images, method, bits, split, **settings)
     _, report = session.quantized(model, method, bits, **settings)
     return {"model": model, "method": method, "bits": bits, **_scores(pred, labelled), "agreement_with_fp32": pred.agreement(fp),
             "size_mb": report.size_mb, "quantize_seconds": report.seconds, "settings": report.settings}
 
 
-def _evaluation_set(session, name: str, spec, images):
-    """(dataset, fp32 predictions, record, labelled): the model's own test set, or -- for a CIFAR-100 model
-    without one offline -- the CIFAR-10 test images, where only agreement with fp32 means anything."""
+def _evaluation_set(session, name: str, spec, images, split):
+    """(dataset, fp32 predictions, record, labelled): the ``split`` half of the model's own test set, or -- for a
+    CIFAR-100 model without one offline -- of the CIFAR-10 test images, where only agreement with fp32 means
+    anything."""
     try:
-        fp, record = session.predict(name, spec.dataset, images)
+        fp, record = session.predict(name, spec.dataset, images, split=split)
         return spec.dataset, fp, record, True
     except DfmpcError:
         if spec.dataset != "cifar100":
             raise
-    fp, record = session.predict(name, "cifar10", images)
+    fp, record = session.predict(name, "cifar10", images, split=split)
     return "cifar10", fp, record, False
 
 
@@ -78,13 +102,20 @@ def run(session, cfg: dict) -> dict:
     bits = ["{}/{}".format(*parse_bits(b)) for b in cfg["bits"]]
     ablation_bits = ["{}/{}".format(*parse_bits(b)) for b in cfg["ablation_bits"]]
     ablation_models = [m for m in cfg["models"] if m in cfg["ablation_models"]]
+    split, ablation_split = cfg.get("split"), cfg.get("ablation_split")
+    ablation_images = cfg.get("ablation_images", cfg["images"])
     out = {"bits": bits, "methods": {m: METHODS[m].description for m in methods}, "models": [], "rows": [],
-           "ablation": [], "quantize_device": "cpu (1 thread)"}
+           "ablation": [], "ablation_fp32": [], "quantize_device": "cpu (1 thread)",
+           "protocol": {"table_split": split or "all", "ablation_split": ablation_split or "all",
+                        "development_models": [m for m in cfg["models"] if m in cfg["ablation_models"]],
+                        "confirmation_models": [m for m in cfg["models"] if m not in cfg["ablation_models"]],
+                        "rule": "dfmpc+'s design is decided by the ablation on the development half of the development "
+                                "models; the table reports every method on the test half of every model"}}
     total = len(cfg["models"]) * (1 + len(methods) * len(bits)) + len(ablation_models) * len(ABLATION) * len(ablation_bits)
     with tqdm(total=total, desc="compare", unit="run", disable=not session.progress, leave=False) as bar:
         for name in cfg["models"]:
             model, spec = session.model(name)
-            dataset, fp, record, labelled = _evaluation_set(session, name, spec, cfg["images"])
+            dataset, fp, record, labelled = _evaluation_set(session, name, spec, cfg["images"], split)
             out["models"].append({"model": name, "dataset": dataset, "weights": spec.weights, "data": record,
                                   "images": record["images"], "metric": "top1" if labelled else "agreement_with_fp32",
                                   "fp32": {**_scores(fp, labelled), "size_mb": fp32_size_mb(model)}})
@@ -92,12 +123,17 @@ def run(session, cfg: dict) -> dict:
             for b in bits:
                 for method in methods:
                     bar.set_postfix_str(f"{name} {b} {method}")
-                    out["rows"].append(_row(session, name, dataset, cfg["images"], method, b, fp, labelled))
+                    out["rows"].append(_row(session, name, dataset, cfg["images"], split, method, b, fp, labelled,
+                                            **settings_for_model(method, spec)))
                     bar.update(1)
+            if name in ablation_models:
+                dev_fp, dev_record = session.predict(name, dataset, ablation_images, split=ablation_split)
+                out["ablation_fp32"].append({"model": name, "data": dev_record, **_scores(dev_fp, labelled)})
             for b in ablation_bits if name in ablation_models else ():
                 for label, settings in ABLATION.items():
                     bar.set_postfix_str(f"{name} {b} ablation: {label}")
-                    row = _row(session, name, dataset, cfg["images"], "dfmpc+", b, fp, labelled, **settings)
+                    row = _row(session, name, dataset, ablation_images, ablation_split, "dfmpc+", b, dev_fp, labelled,
+                               **settings)
                     out["ablation"].append({"variant": label, **row})
                     bar.update(1)
     return out
@@ -140,6 +176,32 @@ def format_ablation(data: dict) -> str:
                      for v in dict.fromkeys(r["variant"] for r in rows)])
 
 
+#: How the ablation decides (applied by :func:`ablation_decisions`): a variant replaces the default only if it
+#: raises the mean top-1 over the development (model, bits) cells and lowers none of them by more than that
+#: cell's standard error. A default that a variant beats under this rule is reported by the tests.
+DECISION_RULE = ("a variant replaces the default if it raises the mean top-1 over the development cells and "
+                 "lowers none of them by more than one standard error")
+
+
+def ablation_decisions(data: dict) -> list[dict]:
+    """Per ablation variant, its change against the default ``dfmpc+`` on the ablation's cells (development half
+    of the development models): mean and worst change in points, the worst cell, its standard error, and
+    whether :data:`DECISION_RULE` would adopt the variant."""
+    rows = data["results"]["ablation"]
+    default = {(r["model"], r["bits"]): r for r in rows if r["variant"] == "dfmpc+"}
+    decisions = []
+    for variant in dict.fromkeys(r["variant"] for r in rows if r["variant"] != "dfmpc+"):
+        changes = {(r["model"], r["bits"]): r["top1"] - default[(r["model"], r["bits"])]["top1"]
+                   for r in rows if r["variant"] == variant}
+        worst = min(changes, key=changes.get)
+        se = default[worst]["top1_se"]
+        mean = sum(changes.values()) / len(changes)
+        decisions.append({"variant": variant, "cells": len(changes), "mean_change": mean,
+                          "worst_change": changes[worst], "worst_cell": worst, "worst_cell_se": se,
+                          "adopted": mean > 0 and changes[worst] >= -se})
+    return decisions
+
+
 def format_table(data: dict, field: str = "top1", fmt: str = "{:.2f}") -> str:
     """Markdown: one table per model (bit widths down, methods across, ``field`` in the cells) under a line
     naming the model; on top-1 tables the best of a row is in bold.
@@ -153,8 +215,12 @@ def format_table(data: dict, field: str = "top1", fmt: str = "{:.2f}") -> str:
         unlabelled = entry.get("metric") == "agreement_with_fp32"
         agreement = field == "top1" and unlabelled
         bits, methods, cells = pivot(data, entry["model"], "agreement_with_fp32" if agreement else field)
-        about = (" (agreement with fp32 %, not accuracy: no test set of its classes)" if agreement
-                 else f" (fp32 {entry['fp32']['top1']:.2f} %)" if field == "top1" else "")
+        half = {"dev": "development half", "test": "test half"}.get(entry["data"].get("split"), "all images")
+        where = f"{half}, {entry['images']:,} images"
+        se = standard_error(50.0, entry["images"])
+        about = (f" (agreement with fp32 %, not accuracy: no test set of its classes; {where})" if agreement
+                 else f" (fp32 {entry['fp32']['top1']:.2f} %; {where}; standard error of a top-1 at most "
+                      f"{se:.2f} points)" if field == "top1" else f" ({where})")
         rows = []
         for b in bits:
             values = [cells.get((b, m)) for m in methods]

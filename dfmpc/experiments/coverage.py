@@ -53,12 +53,16 @@ FAMILIES = (
     (r"efficientnet_lite\d", "EfficientNet-Lite", "efficientnet_lite0"),
 )
 REPRESENTATIVES = [representative for _, _, representative in FAMILIES]
+# the methods this experiment measures: those of its committed run (book/data/coverage.json); ocs, squant and zeroq
+# came later and are exercised on every listed model by tests/test_coverage.py (zeroq's distillation and output-error
+# search take minutes per ImageNet model on a CPU), not yet measured here
+COVERAGE_METHODS = ["original", "per-channel", "dfq", "omse", "dfmpc", "dfmpc+"]
 SETTINGS = {
     # CI: the small families, a few images
     "quick": {"models": ["resnet20_cifar10_a", "chenyaofo_resnet56_cifar100", "resnet20_cifar10", "mobilenetv2_w1",
-                         "efficientnet_lite0"], "methods": list(METHODS), "bits": ["2/6", "3/6"], "images": 32,
+                         "efficientnet_lite0"], "methods": COVERAGE_METHODS, "bits": ["2/6", "3/6"], "images": 32,
               "calibration_images": 32},
-    "full": {"models": list_models(), "methods": list(METHODS), "bits": ["2/6", "3/6"], "images": 256,
+    "full": {"models": list_models(), "methods": COVERAGE_METHODS, "bits": ["2/6", "3/6"], "images": 256,
              "calibration_images": 64},
 }
 

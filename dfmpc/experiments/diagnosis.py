@@ -1,8 +1,12 @@
-"""Diagnosis: why MP2/6 falls short here -- error growth through the layers, single pairs, bits and granularity."""
+"""Diagnosis: why MP2/6 falls short here -- error growth through the layers, single pairs, bits and granularity,
+and where DF-MPC's coefficients act (after the BatchNorm, as Eq. 7 puts them, or before it) against how large
+they are (least-squares shrinkage or an unbiased gain)."""
 from __future__ import annotations
 
+import copy
 import time
 
+import torch
 from torch import nn
 
 from ..plan import parse_bits, plan_layers
@@ -12,7 +16,7 @@ from .paper import DFMPC_SETTINGS
 from .paper import PAPER as _PAPER
 from .session import c_summary
 
-__all__ = ["NAME", "TITLE", "SETTINGS", "PAPER", "run"]
+__all__ = ["NAME", "TITLE", "SETTINGS", "BOOK_OVERRIDES", "PAPER", "PLACEMENT_VARIANTS", "compensation_before_batch_norm", "run"]
 
 NAME = "diagnosis"
 TITLE = "Diagnosis: why MP2/6 differs from the paper"
@@ -21,12 +25,44 @@ SETTINGS = {
     "quick": {"layer_model": "resnet56_cifar10_a", "layer_bits": ["2/6", "4/6"], "layer_images": 64,
               "sweep_model": "resnet20_cifar10_a", "sweep_bits": ["2/6", "3/6", "4/6", "6/6"],
               "sweep_granularity": ["tensor", "channel"], "sweep_images": 400,
-              "pair_model": "resnet20_cifar10_a", "pair_bits": "2/6", "pair_images": 200, "pair_error_images": 64},
+              "pair_model": "resnet20_cifar10_a", "pair_bits": "2/6", "pair_images": 200, "pair_error_images": 64,
+              "placement_model": "resnet20_cifar10_a", "placement_bits": ["3/6"], "placement_images": 200},
     "full": {"layer_model": "resnet56_cifar10_a", "layer_bits": ["2/6", "3/6", "4/6", "6/6"], "layer_images": 1000,
              "sweep_model": "resnet56_cifar10_a", "sweep_bits": ["2/6", "3/6", "4/6", "6/6"],
              "sweep_granularity": ["tensor", "channel"], "sweep_images": None,
-             "pair_model": "resnet20_cifar10_a", "pair_bits": "2/6", "pair_images": None, "pair_error_images": 1000},
+             "pair_model": "resnet20_cifar10_a", "pair_bits": "2/6", "pair_images": None, "pair_error_images": 1000,
+             "placement_model": "resnet56_cifar10_a", "placement_bits": ["2/6", "3/6"], "placement_images": None},
 }
+#: What the book's result (``dfmpc experiments diagnosis --book``) changes in the quick preset: section 5 on every
+#: test image of ResNet-56 at 2/6 and 3/6, where the paper's Table 1 and the issue's 1,000-image figures are.
+BOOK_OVERRIDES = {"placement_model": "resnet56_cifar10_a", "placement_bits": ["2/6", "3/6"], "placement_images": None}
+# Section 5: one scale per tensor (the paper's quantizers), one change at a time. "dfmpc+ ..." rows use dfmpc+
+# stripped to a per-channel gain folded into the BatchNorm after the low layer (no mean correction, the paper's
+# quantizers: same codes as original), which is a gain applied *before* that BatchNorm.
+_GAIN_ONLY = {"granularity": "tensor", "clipping": "none", "correlation": 0.0, "mean_correction": False}
+PLACEMENT_VARIANTS = {
+    "original (c = 1)": ("original", {}),
+    "DF-MPC: c after BN and ReLU (Eq. 7)": ("dfmpc", dict(DFMPC_SETTINGS)),
+    "DF-MPC's c moved before the BN": ("dfmpc-before-bn", dict(DFMPC_SETTINGS)),
+    "least-squares c (lambda = 0) before the BN": ("dfmpc+", {**_GAIN_ONLY, "gain": "least-squares"}),
+    "unbiased c = 1/a before the BN": ("dfmpc+", {**_GAIN_ONLY, "gain": "unbiased"}),
+    "unbiased c before the BN + mean correction": ("dfmpc+", {**_GAIN_ONLY, "gain": "unbiased", "mean_correction": True}),
+}
+
+
+def compensation_before_batch_norm(original_q: nn.Module, dfmpc_report) -> nn.Module:
+    """DF-MPC's coefficients moved before the BatchNorm: a copy of the ``original`` quantized model (the same codes
+    as DF-MPC's) whose low layer of every pair has output channel j multiplied by c_j, instead of the high layer's
+    input channel j (Eq. 7, which acts after the BatchNorm and ReLU between them)."""
+    moved = copy.deepcopy(original_q)
+    modules = dict(moved.named_modules())
+    with torch.no_grad():
+        for low, high in dfmpc_report.pairs:
+            c = dfmpc_report.compensation[high].to(modules[low].weight.dtype)
+            w = modules[low].weight
+            w.mul_(c.reshape(-1, *([1] * (w.dim() - 1))))
+    return moved
+
 
 
 def run(session, cfg: dict) -> dict:
@@ -109,5 +145,32 @@ def run(session, cfg: dict) -> dict:
                              "rel_error_mean": sum(r["rel_error"] for r in per_layer) / len(per_layer),
                              "best_scale_rel_error_mean": sum(r["best_scale_rel_error"] for r in per_layer) / len(per_layer)})
     out["weight_fit"] = fits
-    out["cpu_s"]["weight_fit"] = time.process_time() - t0
+    out["cpu_s"]["weight_fit"], t0 = time.process_time() - t0, time.process_time()
+
+    # 5. where c acts and how large it is: the same codes (one scale per tensor), one change at a time
+    out["placement"] = _placement(session, cfg)
+    out["cpu_s"]["placement"] = time.process_time() - t0
     return out
+
+
+def _placement(session, cfg: dict) -> dict:
+    from ..evaluate import predict
+
+    name = cfg["placement_model"]
+    model, spec = session.model(name)
+    fp, record = session.predict(name, "cifar10", cfg["placement_images"])
+    rows = []
+    for bits in cfg["placement_bits"]:
+        for label, (method, settings) in PLACEMENT_VARIANTS.items():
+            if method == "dfmpc-before-bn":
+                _, report = session.quantized(name, "dfmpc", bits, **settings)
+                original_q, _ = session.quantized(name, "original", bits)
+                data, _ = session.data("cifar10", spec, cfg["placement_images"])
+                pred = predict(compensation_before_batch_norm(original_q, report), data, device=session.device,
+                               batch_size=128)
+            else:
+                pred, _ = session.predict(name, "cifar10", cfg["placement_images"], method, bits, **settings)
+                _, report = session.quantized(name, method, bits, **settings)
+            rows.append({"bits": bits, "variant": label, "method": method, "settings": settings,
+                         "top1": pred.top1_accuracy(), "agreement_with_fp32": pred.agreement(fp), **c_summary(report)})
+    return {"model": name, "fp32_top1": fp.top1_accuracy(), "data": record, "rows": rows}

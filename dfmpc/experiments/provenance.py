@@ -35,8 +35,11 @@ def versions() -> dict:
     return out
 
 
-def data_record(dataset: str, directory, available: int, used: int, images, seed: int, fallback) -> dict:
-    """What a measurement was made on: the set, the folder, whether it is the lossy offline copy, how many images."""
+def data_record(dataset: str, directory, available: int, used: int, images, seed: int, fallback,
+                split: str | None = None) -> dict:
+    """What a measurement was made on: the set, the folder, whether it is the lossy offline copy, how many images,
+    and which half (``split``: "dev", "test" or None for the whole set; see :mod:`dfmpc.data`); ``available``
+    counts the images of that half."""
     shared = default_data_dir(dataset)
     offline = bool(directory and shared and Path(directory).resolve() == shared.resolve())
     jpeg = dataset == "imagenet" or bool(directory and Path(directory).is_dir() and any(Path(directory).rglob("*.jp*g")))
@@ -51,10 +54,17 @@ def data_record(dataset: str, directory, available: int, used: int, images, seed
     else:
         desc = f"{dataset} test set (torchvision files, lossless)" if not jpeg else f"{dataset} images from a local folder"
     return {"dataset": dataset, "path": str(directory) if directory else None, "offline_copy": offline,
-            "jpeg": jpeg, "images": used, "available": available, "limit": images,
-            "selection": "all" if used >= available else f"random subset, seed {seed}",
+            "jpeg": jpeg, "images": used, "available": available, "limit": images, "split": split or "all",
+            "selection": _selection(used, available, images, seed, split),
             "comparable_to_paper": not offline and not (jpeg and dataset != "imagenet"),
             "description": desc, "fallback": fallback}
+
+
+def _selection(used: int, available: int, images, seed: int, split: str | None) -> str:
+    if not split or split == "all":
+        return "all" if used >= available else f"random subset, seed {seed}"
+    half = {"dev": "development half (even positions)", "test": "test half (odd positions)"}[split]
+    return half if used >= available else f"random subset of the {half}, seed {seed}"
 
 
 def collect_data_records(obj, found: list | None = None) -> list:

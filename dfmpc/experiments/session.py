@@ -132,31 +132,32 @@ class Session:
             out.append((shared, True))
         return out
 
-    def data(self, dataset: str, spec, images):
-        """(data set preprocessed for ``spec``'s model, record) of ``images`` images of ``dataset``."""
+    def data(self, dataset: str, spec, images, split: str | None = None):
+        """(data set preprocessed for ``spec``'s model, record) of ``images`` images of ``dataset``, taken from its
+        ``split`` half ("dev", "test"; None: the whole set)."""
         problems = []
         if self.preset == "full" and dataset == "imagenet" and not (
                 self.data_dirs.get("imagenet") or os.environ.get(_DATA_ENV["imagenet"])):
             problems.append("no ImageNet validation folder given (--data-dir imagenet=DIR or $DFMPC_IMAGENET_DIR)")
         for directory, is_fallback in self._candidates(dataset):
-            key = (dataset, directory, tuple(spec.mean), tuple(spec.std), spec.resize, spec.input_size, images)
+            key = (dataset, directory, tuple(spec.mean), tuple(spec.std), spec.resize, spec.input_size, images, split)
             if key in self._data:
                 return self._data[key]
             if (dataset, directory) in self._failed:  # do not retry a download that failed in this session
                 problems.append(self._failed[(dataset, directory)])
                 continue
             try:
-                available = len(load_dataset(dataset, directory, seed=self.seed))
+                available = len(load_dataset(dataset, directory, seed=self.seed, split=split))
                 # small sets are decoded once and kept in memory; the full ImageNet validation set is streamed
                 cache = min(images or available, available) <= CACHE_LIMIT
                 ds = load_dataset(dataset, directory, transform=spec.eval_transform(), limit=images, seed=self.seed,
-                                  cache=cache, progress=self.progress)
+                                  cache=cache, progress=self.progress, split=split)
             except DfmpcError as e:
                 self._failed[(dataset, directory)] = str(e)
                 problems.append(str(e))
                 continue
             record = data_record(dataset, directory, available, len(ds), images, self.seed,
-                                 "; ".join(problems) if is_fallback or problems else None)
+                                 "; ".join(problems) if is_fallback or problems else None, split)
             record["in_memory"] = cache
             self._data[key] = (ds, record)
             return self._data[key]
@@ -174,11 +175,12 @@ class Session:
         return self._quant[key]
 
     def predict(self, name: str, dataset: str, images, method: str = "fp32", bits: str | None = None,
-                **settings) -> tuple[Predictions, dict]:
-        """Predictions of model ``name`` (fp32 or quantized) on ``images`` images of ``dataset``, cached."""
+                split: str | None = None, **settings) -> tuple[Predictions, dict]:
+        """Predictions of model ``name`` (fp32 or quantized) on ``images`` images of ``dataset``'s ``split`` half
+        (None: the whole set), cached."""
         model, spec = self.model(name)
-        data, record = self.data(dataset, spec, images)
-        key = (name, dataset, record["path"], images, method, bits, tuple(sorted(settings.items())))
+        data, record = self.data(dataset, spec, images, split)
+        key = (name, dataset, record["path"], images, split, method, bits, tuple(sorted(settings.items())))
         if key not in self._preds:
             net = model if method == "fp32" else self.quantized(name, method, bits, **settings)[0]
             desc = f"{name} {method}" + ("" if bits is None else f" {bits}")
