@@ -387,3 +387,35 @@ def test_dfmpc_plus_flip_rounds_k_bit_layers_by_default_and_nearest_on_request()
     assert DFMPCPlus().rounding == "flip"
     with pytest.raises(DfmpcError, match="unknown rounding 'stochastic'"):
         dfmpc.quantize(model, "4/6", method="dfmpc+", rounding="stochastic")
+
+
+def test_the_ternary_search_settings_reach_the_codes_and_bad_ones_are_refused(shared):
+    """max_rho caps the fitted kernel correlation of every ternary layer (0 gives the rho = 0 codes), restarts are
+    the search's starting scales; both are reported and checked. On the pretrained ResNet-20, whose fitted
+    correlations range from about 0.1 to 0.6."""
+    from dfmpc.models import load_model
+
+    model, _ = load_model("resnet20_cifar10_a")
+    runs = {}
+    for name, settings in {"default": {}, "capped": {"max_rho": 0.2}, "zero": {"max_rho": 0.0},
+                           "rho0": {"correlation": 0.0}, "one": {"restarts": [1.0]}}.items():
+        method = DFMPCPlus("2/6", **settings)
+        runs[name] = (method, method.apply(model)[1])
+    fitted, capped = runs["default"][0]._rho, runs["capped"][0]._rho
+    assert max(fitted.values()) > 0.3 and all(capped[k] == min(fitted[k], 0.2) for k in fitted)
+    assert runs["default"][1].settings["max_rho"] == 0.9 and runs["default"][1].settings["restarts"] == [1.0, 0.7, 1.4]
+    assert runs["capped"][1].settings["max_rho"] == 0.2 and runs["one"][1].settings["restarts"] == [1.0]
+
+    def codes(run):
+        return {k: q.codes for k, q in runs[run][1].quantized.items()}
+
+    assert all(torch.equal(codes("zero")[k], codes("rho0")[k]) for k in fitted)
+    assert any(not torch.equal(codes("capped")[k], codes("default")[k]) for k in fitted)
+    w = torch.randn(16, 8, 3, 3, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(correlated_ternary(w, 0.5, restarts=(1.0,)).codes,
+                       _alternate_every_channel(w, 0.5, torch.ones(16, 8, dtype=torch.float64), restarts=(1.0,)))
+    for bad, message in (({"max_rho": 1.0}, "max_rho must be a number in"), ({"max_rho": True}, "max_rho"),
+                         ({"restarts": []}, "non-empty"), ({"restarts": [1.0, -0.5]}, "positive"),
+                         ({"restarts": ["x"]}, "positive numbers"), ({"restarts": 0.7}, "list of positive")):
+        with pytest.raises(DfmpcError, match=message):
+            DFMPCPlus("2/6", **bad)

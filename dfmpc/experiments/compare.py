@@ -21,7 +21,8 @@ from ..plan import parse_bits
 from ..size import fp32_size_mb
 
 __all__ = ["NAME", "TITLE", "BOOK_PRESET", "SETTINGS", "ABLATION", "DEVELOPMENT_MODELS", "DECISION_RULE",
-           "ablation_decisions", "standard_error", "run", "pivot", "figure", "format_table", "format_ablation"]
+           "PENDING_ADOPTION", "ablation_decisions", "standard_error", "run", "pivot", "figure", "format_table",
+           "format_ablation"]
 
 NAME = "compare"
 TITLE = "Comparison: every method x bit width x model"
@@ -50,6 +51,9 @@ ABLATION = {
     "one scale per tensor": {"granularity": "tensor"},
     "max-scale clipping of k-bit layers": {"clipping": "none"},
     "k-bit codes rounded to nearest (no flip rounding)": {"rounding": "nearest"},
+    "ternary search from one start (no restarts)": {"restarts": (1.0,)},
+    "fitted kernel correlation capped at 0.5 (not 0.9)": {"max_rho": 0.5},
+    "fitted kernel correlation capped at 0.99 (not 0.9)": {"max_rho": 0.99},
 }
 
 
@@ -163,17 +167,27 @@ def figure(data: dict, model: str, bits: str, method: str = "dfmpc+", field: str
 
 
 def format_ablation(data: dict) -> str:
-    """The dfmpc+ ablation rows as a Markdown table: variants down, (model, bits) across, top-1 in %."""
+    """The dfmpc+ ablation rows as Markdown: one table per model (variants down, bit widths across, top-1 in %)
+    under a line naming the model, its half and images; the default's row first."""
     from .book import md_table
 
     rows = data["results"]["ablation"]
     if not rows:
         return ""
-    cols = list(dict.fromkeys((r["model"], r["bits"]) for r in rows))
-    cell = {(r["variant"], r["model"], r["bits"]): r["top1"] for r in rows}
-    return md_table(["dfmpc+ variant"] + [f"{m} {b}" for m, b in cols],
-                    [[v] + [f"{cell[(v, m, b)]:.2f}" if (v, m, b) in cell else "" for m, b in cols]
-                     for v in dict.fromkeys(r["variant"] for r in rows)])
+    fp32 = {e["model"]: e for e in data["results"].get("ablation_fp32", [])}
+    blocks = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        own = [r for r in rows if r["model"] == model]
+        bits = list(dict.fromkeys(r["bits"] for r in own))
+        cell = {(r["variant"], r["bits"]): r["top1"] for r in own}
+        entry = fp32.get(model)
+        about = (f" ({entry['data']['selection']}, {entry['images']:,} images, fp32 {entry['top1']:.2f} %)"
+                 if entry else f" ({own[0]['images']:,} images)")
+        table = md_table(["dfmpc+ variant", *bits],
+                         [[v] + [f"{cell[(v, b)]:.2f}" if (v, b) in cell else "" for b in bits]
+                          for v in dict.fromkeys(r["variant"] for r in own)])
+        blocks.append(f"`{model}`{about}\n\n{table}")
+    return "\n\n".join(blocks)
 
 
 #: How the ablation decides (applied by :func:`ablation_decisions`): a variant replaces the default only if it
@@ -181,6 +195,16 @@ def format_ablation(data: dict) -> str:
 #: cell's standard error. A default that a variant beats under this rule is reported by the tests.
 DECISION_RULE = ("a variant replaces the default if it raises the mean top-1 over the development cells and "
                  "lowers none of them by more than one standard error")
+
+
+#: Variants the rule adopts on the committed development-half ablation that are not yet the default, each with why:
+#: making one the default changes dfmpc+'s test-half cells, so it lands together with a full rerun of the table
+#: (about 40 minutes on a 2-core CPU). The tests fail on any other adopted variant, and on a stale entry here.
+PENDING_ADOPTION = {
+    "ternary search from one start (no restarts)":
+        "adopted by the rule on the development half (ResNet-20 2/6 +0.46, Lite0 2/6 +0.62, nothing else "
+        "changes) after the test-half table was measured; it becomes the default with the next full run",
+}
 
 
 def ablation_decisions(data: dict) -> list[dict]:

@@ -40,6 +40,8 @@ scale per tensor for the codes, and c still lives in the BN (or, without a BN, i
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -278,7 +280,7 @@ class DFMPCPlus(QuantizationMethod):
 
     def __init__(self, bits="2/6", granularity: str = "channel", gain: str = "unbiased", mean_correction: bool = True,
                  weighting: str = "none", correlation="fit", clipping: str = "optimal", rounding: str = "flip",
-                 **kwargs):
+                 max_rho: float = 0.9, restarts=(1.0, 0.7, 1.4), **kwargs):
         super().__init__(bits, granularity=granularity, **kwargs)
         if gain not in GAINS:
             raise DfmpcError(f"unknown gain {gain!r}; use one of {', '.join(GAINS)}")
@@ -291,14 +293,22 @@ class DFMPCPlus(QuantizationMethod):
             raise DfmpcError(f"unknown clipping {clipping!r}; use 'optimal' or 'none'")
         if rounding not in ROUNDINGS:
             raise DfmpcError(f"unknown rounding {rounding!r}; use one of {', '.join(ROUNDINGS)}")
+        if isinstance(max_rho, bool) or not isinstance(max_rho, (int, float)) or not 0 <= max_rho < 1:
+            raise DfmpcError(f"max_rho must be a number in [0, 1), got {max_rho!r}")
+        try:
+            restarts = tuple(float(r) for r in restarts)
+        except (TypeError, ValueError):
+            raise DfmpcError(f"restarts must be a list of positive numbers, got {restarts!r}") from None
+        if not restarts or not all(math.isfinite(r) and r > 0 for r in restarts):
+            raise DfmpcError(f"restarts must be a non-empty list of positive numbers, got {list(restarts)}")
         self.gain, self.mean_correction, self.weighting, self.correlation = gain, bool(mean_correction), weighting, correlation
-        self.clipping, self.rounding = clipping, rounding
+        self.clipping, self.rounding, self.max_rho, self.restarts = clipping, rounding, float(max_rho), restarts
         self._moments, self._bn, self._modules, self._stored, self._rho = {}, {}, {}, {}, {}
 
     def settings(self) -> dict:
         return {**super().settings(), "gain": self.gain, "mean_correction": self.mean_correction,
                 "weighting": self.weighting, "correlation": self.correlation, "clipping": self.clipping,
-                "rounding": self.rounding}
+                "rounding": self.rounding, "max_rho": self.max_rho, "restarts": list(self.restarts)}
 
     def prepare(self, model, plan):
         self._moments = input_moments(model)
@@ -313,7 +323,7 @@ class DFMPCPlus(QuantizationMethod):
             if self.correlation == "fit":
                 bn = self._modules[self._bn[a.name]] if a.name in self._bn else None
                 self._rho[a.name] = 0.0 if bn is None else fit_kernel_correlation(layer, self._moments[a.name].var,
-                                                                                  bn.running_var)
+                                                                                  bn.running_var, self.max_rho)
             else:
                 self._rho[a.name] = float(self.correlation)
 
@@ -327,7 +337,7 @@ class DFMPCPlus(QuantizationMethod):
         rho = self._rho.get(name, 0.0)
         if rho > 0:
             v = None if self.weighting == "none" else _block_variances(self._modules[name], self._moments[name].var)
-            return correlated_ternary(weight, rho, v)
+            return correlated_ternary(weight, rho, v, restarts=self.restarts)
         if bits > 2 and self.clipping == "none":
             q = quantize_weight(weight, bits, self.granularity)
         else:
