@@ -20,7 +20,7 @@ from .paths import default_data_dir, download_dir, shared_dir
 
 __all__ = ["ModelEntry", "MODELS", "METHOD_DESCRIPTIONS", "AKAMASTER_URL", "AKAMASTER_FILES", "CHENYAOFO_URL",
            "CHENYAOFO_FILES", "TORCHVISION_FILES", "OFFLINE", "CACHED", "DOWNLOAD", "fp32_mb", "torch_hub_dir",
-           "pytorchcv_store", "weights_status", "data_status", "models_table"]
+           "pytorchcv_store", "weights_status", "data_status", "models_table", "unknown_model_message"]
 
 AKAMASTER_URL = "https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models/"
 AKAMASTER_FILES = {20: "resnet20-12fca82f.th", 32: "resnet32-d509ac18.th", 44: "resnet44-014dd654.th",
@@ -69,6 +69,18 @@ MODELS = {
     "tv_resnet50": ModelEntry("imagenet", "torchvision", 224, 25_557_032),
     "tv_vgg16_bn": ModelEntry("imagenet", "torchvision", 224, 138_365_992),
 }
+
+
+def unknown_model_message(name) -> str:
+    """One line for a model name that :data:`MODELS` does not list, with the closest listed names."""
+    import difflib
+
+    key = name.strip().lower() if isinstance(name, str) else str(name)
+    close = difflib.get_close_matches(key, sorted(MODELS), n=3, cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    shown = repr(name) if len(repr(name)) <= 60 else repr(name)[:57] + "..."
+    return f"unknown model {shown}; {hint}`dfmpc models` lists the {len(MODELS)} supported names"
+
 
 METHOD_DESCRIPTIONS = {
     "original": "direct quantization with the paper's quantizers, no compensation (Tables 1-2, 'Original')",

@@ -24,7 +24,7 @@ from . import __version__
 from .catalog import METHOD_DESCRIPTIONS, models_table
 from .cli_quantize import CALIBRATION_IMAGES, DEFAULT_METHODS, cmd_quantize, format_table, method_settings
 from .errors import DfmpcError
-from .options import check_output_dir, check_output_file, check_positive, parse_data_dirs, parse_images
+from .options import check_model, check_output_dir, check_output_file, check_positive, check_seed, parse_data_dirs, parse_images
 
 __all__ = ["main", "build_parser", "method_settings", "format_table", "CALIBRATION_IMAGES"]
 
@@ -73,6 +73,8 @@ def cmd_benchmark(args) -> int:
         models = [m.strip() for m in args.models.split(",") if m.strip()]
         if not models:
             raise DfmpcError("--models names no model; give names from `dfmpc models`, comma-separated")
+        for name in models:
+            check_model(name)
         bits = "{}/{}".format(*parse_bits(args.bits))
         device = str(resolve_device(args.device))
         if args.threads:
@@ -91,6 +93,7 @@ def cmd_benchmark(args) -> int:
 
 def cmd_experiments(args) -> int:
     from .experiments import BOOK_OVERRIDES, BOOK_PRESETS, EXPERIMENTS, book_data_dir, run_experiments
+    from .experiments.runner import settings_for
 
     if args.list:
         for name, module in EXPERIMENTS.items():
@@ -114,7 +117,11 @@ def cmd_experiments(args) -> int:
     check_positive("--jobs", args.jobs)
     check_positive("--threads", args.threads)
     check_positive("--batch-size", args.batch_size)
+    check_seed(args.seed)
     images, data_dirs = parse_images(args.images), parse_data_dirs(args.data_dir)
+    for name in names:  # every --set value parsed now, not in a worker minutes later
+        settings_for(name, preset[name] if isinstance(preset, dict) else preset, images,
+                     {**(BOOK_OVERRIDES[name] if args.book else {}), **overrides})
     check_output_dir(out, "--out")
     command = "dfmpc " + " ".join(args.argv)
     per_experiment = {n: {**(BOOK_OVERRIDES[n] if args.book else {}), **overrides} for n in names}
@@ -190,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--split", choices=("all", "dev", "test"), default="all",
                    help="evaluate on one fixed half of the set: 'dev' (even positions, for decisions) or 'test' "
                         "(odd positions, for reporting); default all images")
+    q.add_argument("--skip-unreadable", action="store_true",
+                   help="leave out images that cannot be decoded (counted in the output) instead of stopping")
     q.add_argument("--save", metavar="FILE",
                    help="write the quantized model packed (codes at their bit width, safetensors); "
                         "dfmpc.load_quantized(FILE) loads it")

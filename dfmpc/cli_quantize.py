@@ -13,7 +13,16 @@ from pathlib import Path
 from . import __version__
 from .bits import parse_bits
 from .errors import DfmpcError
-from .options import check_output_file, check_positive, parse_data_dirs, parse_floats, parse_images, parse_methods
+from .options import (
+    check_model,
+    check_output_file,
+    check_positive,
+    check_seed,
+    parse_data_dirs,
+    parse_floats,
+    parse_images,
+    parse_methods,
+)
 from .paths import DATASETS
 
 __all__ = ["CALIBRATION_IMAGES", "DEFAULT_METHODS", "method_settings", "format_table", "best_row", "cmd_quantize"]
@@ -67,11 +76,13 @@ def best_row(rows: list[dict], criterion: str, method: str | None = None) -> int
 
 def _checked(args) -> dict:
     """Every argument that can be checked without loading anything, output paths included."""
+    check_model(args.model)
     checked = {"bits": ["{}/{}".format(*parse_bits(b)) for b in args.bits.split(",")],
                "methods": parse_methods(args.method), "images": parse_images(args.images)}
     parse_floats("lambda1", args.lambda1), parse_floats("lambda2", args.lambda2)
     check_positive("--batch-size", args.batch_size, unset_ok=False)
     check_positive("--threads", args.threads)
+    check_seed(args.seed)
     if args.save_method is not None:
         if not args.save:
             raise DfmpcError("--save-method says which model --save writes; add --save FILE")
@@ -101,11 +112,13 @@ def _data(args, spec, dataset_name: str, images):
 
     data_dir = parse_data_dirs(args.data_dir, dataset_name).get(dataset_name)
     folder = data_folder(dataset_name, data_dir)
-    load = dict(name=dataset_name, data_dir=data_dir, transform=spec.eval_transform(), progress=not args.no_progress)
+    load = dict(name=dataset_name, data_dir=data_dir, transform=spec.eval_transform(), progress=not args.no_progress,
+                skip_unreadable=args.skip_unreadable)
     split = None if args.split == "all" else args.split
     available = len(load_dataset(split=split, **load))  # the file list only: nothing is decoded
     data = load_dataset(limit=None if images == "all" else images, seed=args.seed, cache=True, split=split, **load)
     record = data_record(dataset_name, folder, available, len(data), images, args.seed, False, split)
+    record["unreadable_skipped"] = list(getattr(data, "skipped", []))
     return data, record, load
 
 
@@ -115,6 +128,9 @@ def _header(args, spec, record, weights: str) -> list[str]:
     if record["selection"] != "all":
         of = f", out of {record['available']:,} images" if record["images"] < record["available"] else ""
         lines.append(f"         {record['selection']}{of}")
+    if record.get("unreadable_skipped"):
+        skipped = record["unreadable_skipped"]
+        lines.append(f"         {len(skipped):,} unreadable images skipped (--skip-unreadable), e.g. {skipped[0]}")
     if record["offline_copy"] and record["dataset"] in _NOTES:
         lines += [f"         {line}" for line in _NOTES[record["dataset"]]]
     return lines

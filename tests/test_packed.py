@@ -1,5 +1,4 @@
 """The packed file format: codes at their bit width, bit-identical outputs after loading, sizes, bad files."""
-import hashlib
 import json
 import struct
 
@@ -7,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from nets import random_bn
+from packed_files import rewrite
 from torch import fx, nn
 
 import dfmpc
@@ -157,41 +157,24 @@ def _one_line(excinfo):
     return str(excinfo.value)
 
 
-def _checksum(meta, tensors):
-    """The file's SHA-256 as the format defines it: the metadata but the digest as sorted compact JSON, then
-    every tensor's name, a zero byte and its bytes, in name order (what someone who edits a file can redo)."""
-    fields = {k: v for k, v in meta.items() if k != "sha256"}
-    digest = hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode())
-    for name in sorted(tensors):
-        digest.update(name.encode() + b"\0" + tensors[name].numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _rewrite(path, change_meta=None, change_tensors=None, sign=True):
-    """Rewrite the file with its metadata and tensors changed, and its checksum recomputed if ``sign``."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    with safe_open(str(path), "pt") as f:
-        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["dfmpc"])
-    (change_meta or (lambda m: None))(meta)
-    (change_tensors or (lambda t: None))(tensors)
-    if sign:
-        meta["sha256"] = _checksum(meta, tensors)
-    save_file(tensors, str(path), metadata={"dfmpc": json.dumps(meta)})
-
-
 def test_bad_files_end_with_one_clear_line(tmp_path):
     path, _, _ = _saved(tmp_path)
     data = path.read_bytes()
-    cases = {"missing.dfmpc": None, "truncated.dfmpc": data[:len(data) // 2], "text.dfmpc": b"not a model at all",
-             "header_only.dfmpc": data[:100]}
-    for name, content in cases.items():
+    torch.save(Net().state_dict(), tmp_path / "checkpoint.pt")
+    pickled = tmp_path / "legacy.pt"
+    torch.save(Net().state_dict(), pickled, _use_new_zipfile_serialization=False)
+    (tmp_path / "folder.dfmpc").mkdir()
+    cases = {"missing.dfmpc": (None, "does not exist"), "truncated.dfmpc": (data[:len(data) // 2], "is truncated"),
+             "text.dfmpc": (b"not a model at all", "not a safetensors file"),
+             "header_only.dfmpc": (data[:100], "is truncated"), "empty.dfmpc": (b"", "is empty"),
+             "checkpoint.pt": (None, "a zip archive (the format of torch.save"),
+             "legacy.pt": (None, "a Python pickle"), "folder.dfmpc": (None, "is a folder")}
+    for name, (content, needle) in cases.items():
         if content is not None:
             (tmp_path / name).write_bytes(content)
         with pytest.raises(DfmpcError) as e:
             load_quantized(tmp_path / name, model=Net())
-        assert ("does not exist" if content is None else "not a dfmpc quantized model file") in _one_line(e)
+        assert needle in _one_line(e), name
     tampered = bytearray(data)
     tampered[-5] ^= 0xFF  # the last bytes are codes
     (tmp_path / "tampered.dfmpc").write_bytes(bytes(tampered))
@@ -203,12 +186,12 @@ def test_bad_files_end_with_one_clear_line(tmp_path):
     save_file({"w": torch.zeros(3)}, str(tmp_path / "plain.safetensors"))
     with pytest.raises(DfmpcError) as e:
         load_quantized(tmp_path / "plain.safetensors", model=Net())
-    assert "no dfmpc metadata" in _one_line(e)
+    assert "without dfmpc metadata" in _one_line(e)
 
 
 def test_the_checksum_covers_the_metadata_and_codes_outside_the_ternary_levels_are_refused(tmp_path):
     path, _, _ = _saved(tmp_path)
-    _rewrite(path, lambda m: m["provenance"].update(top1=99.9), sign=False)
+    rewrite(path, lambda m: m["provenance"].update(top1=99.9), sign=False)
     with pytest.raises(DfmpcError) as e:
         load_quantized(path, model=Net())
     assert "checksum" in _one_line(e)
@@ -218,7 +201,7 @@ def test_the_checksum_covers_the_metadata_and_codes_outside_the_ternary_levels_a
 
     path, _, _ = _saved(tmp_path)
     assert read_info(path)["plan"][0][2] == 2
-    _rewrite(path, change_tensors=invalid_codes)
+    rewrite(path, change_tensors=invalid_codes)
     with pytest.raises(DfmpcError) as e:
         load_quantized(path, model=Net())
     assert "outside" in _one_line(e)
@@ -245,18 +228,18 @@ def test_metadata_is_data_not_code(tmp_path, monkeypatch):
     path, qmodel, _ = _saved(tmp_path)
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load (pickle) was called"))
     assert _same_outputs(qmodel, load_quantized(path, model=Net()), torch.randn(2, 3, 8, 8))
-    for change, needle in [(lambda m: m.update(model="os.system"), "unknown model"),
-                           (lambda m: m.update(method="__import__"), "does not know"),
-                           (lambda m: m["settings"].update(granularity="exec"), "not ones this dfmpc takes"),
-                           (lambda m: m.update(settings="rm -rf /"), "'settings' is missing or malformed"),
-                           (lambda m: m.pop("state"), "'state' is missing or malformed"),
+    for change, needle in [(lambda m: m.update(model="os.system"), "field 'model' is 'os.system', expected a name"),
+                           (lambda m: m.update(method="__import__"), "field 'method' is '__import__', expected one of"),
+                           (lambda m: m["settings"].update(granularity="exec"), "field 'settings'"),
+                           (lambda m: m.update(settings="rm -rf /"), "field 'settings' is 'rm -rf /', expected dict"),
+                           (lambda m: m.pop("state"), "field 'state' is None, expected dict"),
                            (lambda m: m.update(version=99), "version 99"),
-                           (lambda m: m["plan"].update(roles="x"), "plan"),
-                           (lambda m: m["plan"]["bits"].__setitem__(0, 40), "plan"),
-                           (lambda m: m["plan"]["bits"].__setitem__(0, 3), "do not fit its plan")]:
+                           (lambda m: m["plan"].update(roles="x"), "field 'plan'"),
+                           (lambda m: m["plan"]["bits"].__setitem__(0, 40), "field 'plan'"),
+                           (lambda m: m["plan"]["bits"].__setitem__(0, 3), "field 'plan'")]:
         changed = tmp_path / "changed.dfmpc"
         changed.write_bytes(path.read_bytes())
-        _rewrite(changed, change)
+        rewrite(changed, change)
         with pytest.raises(DfmpcError) as e:
             load_quantized(changed, model=Net() if "model" not in needle else None)
         assert needle in _one_line(e)

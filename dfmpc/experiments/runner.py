@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import datetime
 import json
+import math
 import os
 import sys
 import time
@@ -67,9 +68,12 @@ def _parse_like(text: str, example, key: str):
         if text.lower() in ("all", "none"):
             return None
         try:
-            return type(example)(text) if example is not None else int(text)
+            value = type(example)(text) if example is not None else int(text)
         except ValueError:
             raise DfmpcError(f"--set {key}= takes a number, got {text!r}") from None
+        if not math.isfinite(value):  # float("inf"), float("1e400"), float("nan")
+            raise DfmpcError(f"--set {key}= takes a finite number, got {text!r}")
+        return value
     return text
 
 

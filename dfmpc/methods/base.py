@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import DfmpcError
-from ..plan import MixedPrecisionPlan, plan_layers
+from ..plan import UNPAIRED_POLICIES, MixedPrecisionPlan, plan_layers
 from ..quantizers import GRANULARITIES, QuantizedTensor, quantize_weight
 from ..report import LayerReport, QuantizationReport
 from ..size import fp32_size_mb, quantized_size_mb
@@ -40,10 +40,15 @@ class QuantizationMethod:
                  pairs=None, inplace: bool = False):
         if granularity not in GRANULARITIES:
             raise DfmpcError(f"unknown granularity {granularity!r}; use one of {', '.join(GRANULARITIES)}")
+        if unpaired not in UNPAIRED_POLICIES:
+            raise DfmpcError(f"unknown unpaired policy {unpaired!r}; use one of {', '.join(UNPAIRED_POLICIES)}")
+        keep = (keep_fp32,) if isinstance(keep_fp32, str) else keep_fp32
+        if not isinstance(keep, (list, tuple)) or not all(isinstance(k, str) for k in keep):
+            raise DfmpcError(f"keep_fp32 takes 'first', 'last' or layer names, got {keep_fp32!r}")
         self.bits = bits
         self.granularity = granularity
         self.unpaired = unpaired
-        self.keep_fp32 = keep_fp32
+        self.keep_fp32 = tuple(keep)
         self.pairs = pairs
         self.inplace = inplace
 
