@@ -4,8 +4,8 @@
   counts were measured once with ``load_model(name, pretrained=False)``; building every model takes seconds
   (VGG-16 alone two), so they are a table here, and ``tests/test_models_data.py`` checks every entry against
   the model it builds.
-* :data:`METHOD_DESCRIPTIONS`: method name -> one-line description, in the order of
-  :data:`dfmpc.methods.METHODS` (a test checks both against the classes).
+* :data:`METHOD_REGISTRY`: the one registry of the quantization methods (name -> module, class, description,
+  whether it uses synthetic data); :data:`dfmpc.methods.METHODS` imports the classes from it.
 * :func:`weights_status` / :func:`data_status`: whether a model's weights and its evaluation data are here
   (an offline copy in the offline data folder, a file in the download cache) or need a download.
 """
@@ -18,7 +18,8 @@ from typing import NamedTuple
 
 from .paths import default_data_dir, download_dir, shared_dir
 
-__all__ = ["ModelEntry", "MODELS", "METHOD_DESCRIPTIONS", "AKAMASTER_URL", "AKAMASTER_FILES", "CHENYAOFO_URL",
+__all__ = ["ModelEntry", "MODELS", "MethodEntry", "METHOD_REGISTRY", "METHOD_DESCRIPTIONS",
+           "AKAMASTER_URL", "AKAMASTER_FILES", "CHENYAOFO_URL",
            "CHENYAOFO_FILES", "TORCHVISION_FILES", "OFFLINE", "CACHED", "DOWNLOAD", "fp32_mb", "torch_hub_dir",
            "pytorchcv_store", "weights_status", "data_status", "models_table", "unknown_model_message"]
 
@@ -82,22 +83,39 @@ def unknown_model_message(name) -> str:
     return f"unknown model {shown}; {hint}`dfmpc models` lists the {len(MODELS)} supported names"
 
 
-METHOD_DESCRIPTIONS = {
-    "original": "direct quantization with the paper's quantizers, no compensation (Tables 1-2, 'Original')",
-    "per-channel": "direct quantization with the paper's quantizers, one scale (and ternary threshold) per output "
-                   "channel",
-    "dfq": "DFQ (Nagel et al. 2019): cross-layer equalization (exact across ReLU6), BN folding, bias correction",
-    "omse": "OMSE (Choukroun et al. 2019): per-channel scales/ternary thresholds minimising each channel's weight MSE",
-    "ocs": "OCS (Zhao et al. 2019): duplicate and halve the input channels holding the largest weights (expansion "
-           "ratio 0.05 unless set), then quantize",
-    "squant": "SQuant (Guo et al. 2022): data-free flip rounding, kernel and channel rounding-error sums near zero",
-    "zeroq": "ZeroQ (Cai et al. 2020): synthetic data distilled from the BN statistics calibrates clipping, bias "
-             "correction and BN re-estimation",
-    "dfmpc": "DF-MPC: closed-form per-channel compensation of each low-bit layer by the next high-bit layer "
-             "(Eq. 7-11)",
-    "dfmpc+": "ours, data-free: mean correction and unbiased per-channel compensation from the BN statistics, "
-              "correlation-aware ternary codes, flip-rounded k-bit codes, folded into the BNs",
+class MethodEntry(NamedTuple):
+    module: str  # the file of dfmpc/methods/ that holds it (imported on first use: listing needs no torch)
+    cls: str  # its class there
+    description: str  # one line: what `dfmpc methods` prints
+    synthetic_data: bool = False  # calibrates on images it generates (ZeroQ): not data-free in the paper's sense
+
+
+#: the one registry of the quantization methods: name -> where its class is, its description, its data class. Adding a
+#: method is one file in dfmpc/methods/ and one line here (CONTRIBUTING.md).
+METHOD_REGISTRY = {
+    "original": MethodEntry("original", "DirectQuantization",
+                            "direct quantization with the paper's quantizers, no compensation (Tables 1-2, 'Original')"),
+    "per-channel": MethodEntry("per_channel", "PerChannelQuantization",
+                               "direct quantization with the paper's quantizers, one scale (and ternary threshold) per "
+                               "output channel"),
+    "dfq": MethodEntry("dfq", "DataFreeQuantization", "DFQ (Nagel et al. 2019): cross-layer equalization (exact across "
+                       "ReLU6), BN folding, bias correction"),
+    "omse": MethodEntry("omse", "OptimalClipping", "OMSE (Choukroun et al. 2019): per-channel scales/ternary thresholds "
+                        "minimising each channel's weight MSE"),
+    "ocs": MethodEntry("ocs", "OutlierChannelSplitting", "OCS (Zhao et al. 2019): duplicate and halve the input channels "
+                       "holding the largest weights (expansion ratio 0.05 unless set), then quantize"),
+    "squant": MethodEntry("squant", "SQuant", "SQuant (Guo et al. 2022): data-free flip rounding, kernel and channel "
+                          "rounding-error sums near zero"),
+    "zeroq": MethodEntry("zeroq", "ZeroQ", "ZeroQ (Cai et al. 2020): synthetic data distilled from the BN statistics "
+                         "calibrates clipping, bias correction and BN re-estimation", synthetic_data=True),
+    "dfmpc": MethodEntry("dfmpc", "MixedPrecisionCompensation", "DF-MPC: closed-form per-channel compensation of each "
+                         "low-bit layer by the next high-bit layer (Eq. 7-11)"),
+    "dfmpc+": MethodEntry("dfmpc_plus", "DFMPCPlus", "ours, data-free: mean correction and unbiased per-channel "
+                          "compensation from the BN statistics, correlation-aware ternary codes, flip-rounded k-bit "
+                          "codes, folded into the BNs"),
 }
+#: name -> description (a view of the registry, for the command line)
+METHOD_DESCRIPTIONS = {name: entry.description for name, entry in METHOD_REGISTRY.items()}
 
 
 def fp32_mb(entry: ModelEntry) -> float:

@@ -24,7 +24,16 @@ from . import __version__
 from .catalog import METHOD_DESCRIPTIONS, models_table
 from .cli_quantize import CALIBRATION_IMAGES, DEFAULT_METHODS, cmd_quantize, format_table, method_settings
 from .errors import DfmpcError
-from .options import check_model, check_output_dir, check_output_file, check_positive, check_seed, parse_data_dirs, parse_images
+from .options import (
+    check_model,
+    check_output_dir,
+    check_output_file,
+    check_positive,
+    check_seed,
+    parse_data_dirs,
+    parse_images,
+    parse_set_flags,
+)
 
 __all__ = ["main", "build_parser", "method_settings", "format_table", "CALIBRATION_IMAGES"]
 
@@ -40,7 +49,7 @@ def cmd_models(args) -> int:
         print("  ".join(v.rjust(w) if i in right else v.ljust(w) for i, (v, w) in enumerate(zip(line, widths))).rstrip())
     print("\nweights, data: offline copy = in the offline data folder ($DFMPC_SHARED or ../shared); cached = downloaded "
           "before;\nneeds download = fetched on first use (without internet: --weights PATH, --data-dir DIR, or "
-          "--random-weights).\nload_model also takes other pytorchcv and torchvision (tv_*) names.")
+          "--random-weights).\nThese are the names dfmpc builds: load_model, --model and .dfmpc files take no other.")
     return 0
 
 
@@ -108,12 +117,7 @@ def cmd_experiments(args) -> int:
     else:
         preset = "full" if args.full else "quick"
         out = args.out or f"results/{preset}"
-    overrides = {}  # the same --set for every experiment named, after the book's own overrides (--book)
-    for item in args.set or ():
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise DfmpcError(f"--set takes KEY=VALUE, e.g. models=resnet20_cifar10_a; got {item!r}")
-        overrides[key.strip()] = value.strip()
+    overrides = parse_set_flags(args.set)  # the same for every experiment named, after the book's own (--book)
     check_positive("--jobs", args.jobs)
     check_positive("--threads", args.threads)
     check_positive("--batch-size", args.batch_size)
@@ -205,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--save-method", metavar="NAME",
                    help="which method's model --save writes (default: the most accurate measured: top-1, or "
                         "agreement with fp32 where the labels mean nothing)")
+    q.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a setting of the methods that take it, e.g. restarts=1 for dfmpc+ (repeatable; `dfmpc methods "
+                        "--settings` lists each method's settings)")
     q.add_argument("--json", help="write the results to this file")
     q.set_defaults(func=cmd_quantize)
 

@@ -6,7 +6,6 @@ allows relative comparisons only), one row per quantized model, and which model 
 """
 from __future__ import annotations
 
-import inspect
 import json
 from pathlib import Path
 
@@ -22,6 +21,8 @@ from .options import (
     parse_floats,
     parse_images,
     parse_methods,
+    parse_set_flags,
+    parse_setting,
 )
 from .paths import DATASETS
 
@@ -37,13 +38,22 @@ _NOTES = {  # what a number measured on an offline copy can be compared with
 }
 
 
+#: settings that have a flag of their own (a --set of them would say the same thing twice)
+FLAGGED_SETTINGS = {"granularity": "--granularity", "unpaired": "--unpaired", "keep_fp32": "--keep-fp32",
+                    "fold": "--fold", "lambda1": "--lambda1", "lambda2": "--lambda2", "pairs": None, "inplace": None,
+                    "progress": "--no-progress"}
+
+
 def method_settings(method: str, args, spec=None) -> list[dict]:
     """The settings each run of ``method`` gets: one per (lambda1, lambda2) if it takes lambdas, else one; the
-    model's input size for zeroq (``spec``: the model's ModelSpec)."""
-    from .methods import METHODS, settings_for_model
+    model's input size for zeroq (``spec``: the model's ModelSpec); every ``--set KEY=VALUE`` the method takes,
+    converted to the type of its default."""
+    from .methods import setting_defaults, settings_for_model
 
-    accepted = inspect.signature(METHODS[method].__init__).parameters
-    common = {"unpaired": args.unpaired, "keep_fp32": tuple(args.keep_fp32), **settings_for_model(method, spec)}
+    accepted = setting_defaults(method)
+    sets = {key: parse_setting(text, accepted[key], f"--set {key}=")
+            for key, text in parse_set_flags(getattr(args, "set", None)).items() if key in accepted}
+    common = {"unpaired": args.unpaired, "keep_fp32": tuple(args.keep_fp32), **settings_for_model(method, spec), **sets}
     if args.granularity is not None:  # else each method's own default (per-channel, omse, dfmpc+: channel)
         common["granularity"] = args.granularity
     if "fold" in accepted:
@@ -83,6 +93,11 @@ def _checked(args) -> dict:
     check_positive("--batch-size", args.batch_size, unset_ok=False)
     check_positive("--threads", args.threads)
     check_seed(args.seed)
+    for key in parse_set_flags(args.set):
+        if key in FLAGGED_SETTINGS:
+            flag = FLAGGED_SETTINGS[key]
+            raise DfmpcError(f"--set {key}= is not for the command line" if flag is None else
+                             f"{key} has its own flag: use {flag} instead of --set {key}=")
     if args.save_method is not None:
         if not args.save:
             raise DfmpcError("--save-method says which model --save writes; add --save FILE")
@@ -103,6 +118,25 @@ def _checked(args) -> dict:
     check_output_file(args.json, "--json")
     check_output_file(args.save, "--save")
     return checked
+
+
+def _check_sets(args, checked) -> None:
+    """Every ``--set`` key is a setting of at least one method run, and every method takes its values (its
+    constructor checks them): before any model or image is loaded."""
+    from .methods import METHODS, setting_defaults
+
+    sets = parse_set_flags(args.set)
+    for key in sets:
+        if not any(key in setting_defaults(m) for m in checked["methods"]):
+            takes = {m: sorted(set(setting_defaults(m)) - set(FLAGGED_SETTINGS)) for m in checked["methods"]}
+            listed = "; ".join(f"{m}: {', '.join(k) or 'none'}" for m, k in takes.items())
+            raise DfmpcError(f"no method run takes the setting {key!r} of --set (settings per method: {listed})")
+    for method in checked["methods"]:
+        for settings in method_settings(method, args):
+            try:
+                METHODS[method](checked["bits"][0], **settings)
+            except TypeError as e:
+                raise DfmpcError(f"method {method} does not take these settings ({e})") from None
 
 
 def _data(args, spec, dataset_name: str, images):
@@ -143,6 +177,7 @@ def cmd_quantize(args) -> int:
     from .evaluate import resolve_device
 
     device = resolve_device(args.device)
+    _check_sets(args, checked)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

@@ -11,8 +11,10 @@ without pixels (BatchNorm1d, or a 1x1 map) is matched over the batch instead. Us
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import sys
+from collections import OrderedDict
 
 import torch
 from torch import nn
@@ -20,7 +22,8 @@ from torch import nn
 from .errors import DfmpcError
 from .graph import BATCH_NORMS
 
-__all__ = ["EPS", "batch_norms", "bn_statistics_loss", "distill_data", "default_input_size", "model_input_shape",
+__all__ = ["DistilledImageCache", "DISTILLED_IMAGES",
+           "EPS", "batch_norms", "bn_statistics_loss", "distill_data", "default_input_size", "model_input_shape",
            "check_count"]
 
 EPS = 1e-6  # added to the variances before the square root, as the authors' code
@@ -137,3 +140,46 @@ def model_input_shape(model: nn.Module, input_size: int | None) -> tuple[int, ..
         return (first.in_features,)
     size = input_size if input_size is not None else default_input_size(model)
     return (first.in_channels, size, size)
+
+
+class DistilledImageCache:
+    """Distilled images kept for reuse, the ``size`` most recent, under a key of everything that determines them:
+    the model (its class and every tensor of its state, hashed), the input shape, the number of images, the steps,
+    the learning rate, the seed, and torch's thread count (the order of floating-point sums, and so the last bits of
+    the images, depends on it). Each entry keeps the seconds its distillation took, which a reuse still reports."""
+
+    def __init__(self, size: int = 4):
+        self.size = size
+        self._entries: OrderedDict = OrderedDict()  # key -> (images, seconds)
+
+    @staticmethod
+    def key(model: nn.Module, shape: tuple, images: int, steps: int, lr: float, seed: int) -> tuple:
+        digest = hashlib.sha256(type(model).__name__.encode())
+        for name, t in model.state_dict().items():
+            t = t.detach().cpu().contiguous()
+            digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return digest.hexdigest(), tuple(shape), images, steps, lr, seed, torch.get_num_threads()
+
+    def get(self, key: tuple) -> tuple[torch.Tensor, float] | None:
+        """A copy of the images under ``key`` and their seconds, or None."""
+        if key not in self._entries:
+            return None
+        self._entries.move_to_end(key)
+        x, seconds = self._entries[key]
+        return x.clone(), seconds
+
+    def put(self, key: tuple, x: torch.Tensor, seconds: float) -> None:
+        self._entries[key] = (x.clone(), seconds)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+#: the cache ZeroQ uses (one per process; :func:`dfmpc.methods.zeroq.clear_distilled_cache` empties it)
+DISTILLED_IMAGES = DistilledImageCache()

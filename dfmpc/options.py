@@ -15,7 +15,7 @@ from .errors import DfmpcError
 from .paths import DATASETS
 
 __all__ = ["INT_LIMITS", "parse_methods", "parse_floats", "parse_images", "parse_data_dirs", "check_positive", "check_seed",
-           "check_model", "check_output_file", "check_output_dir"]
+           "check_model", "check_output_file", "check_output_dir", "parse_setting", "parse_set_flags"]
 
 
 def parse_methods(value: str, flag: str = "--method") -> list[str]:
@@ -141,3 +141,39 @@ def check_output_dir(path: str | os.PathLike | None, flag: str) -> None:
             pass
     except OSError as e:
         raise _unwritable(flag, path, e) from None
+
+
+def parse_setting(text: str, example, flag: str):
+    """``text`` (as a command line gives it) converted to the type of ``example``, the setting's default: true/false
+    for a boolean, a finite number for a number (or for a default of None; "none" or "all" give None), a
+    comma-separated list for a list or tuple (of the type of its first item), else the text. ``flag`` names the
+    setting in the message, e.g. ``--set restarts=``."""
+    if isinstance(example, (list, tuple)):
+        item = example[0] if example else ""
+        return type(example)(parse_setting(t.strip(), item, flag) for t in text.split(",") if t.strip())
+    if isinstance(example, bool):
+        if text.lower() not in ("true", "false"):
+            raise DfmpcError(f"{flag} takes true or false, got {text!r}")
+        return text.lower() == "true"
+    if isinstance(example, (int, float)) or example is None:
+        if text.lower() in ("all", "none"):
+            return None
+        try:
+            value = type(example)(text) if example is not None else int(text)
+        except ValueError:
+            raise DfmpcError(f"{flag} takes a number, got {text!r}") from None
+        if not math.isfinite(value):  # float("inf"), float("1e400"), float("nan")
+            raise DfmpcError(f"{flag} takes a finite number, got {text!r}")
+        return value
+    return text
+
+
+def parse_set_flags(items) -> dict:
+    """``--set KEY=VALUE`` (repeatable) as {key: value text}; one line for an item that is not KEY=VALUE."""
+    out = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise DfmpcError(f"--set takes KEY=VALUE, e.g. restarts=1; got {item!r}")
+        out[key.strip()] = value.strip()
+    return out

@@ -43,13 +43,13 @@ import torch
 from torch import nn
 
 from . import __version__
-from .bits import MAX_BITS, MIN_BITS
 from .errors import DfmpcError
-from .packed_header import check_metadata, check_plan, read_header
+from .packed_header import PlanRow, check_metadata, check_plan, decode_plan, encode_plan, read_header
+from .placement import input_channel_multiplier
 from .quantizers import QuantizedTensor
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "save_quantized", "load_quantized", "read_info", "pack_codes", "unpack_codes",
-           "encode_plan", "decode_plan"]
+           "encode_plan", "decode_plan", "PlanRow"]
 
 FORMAT, FORMAT_VERSION = "dfmpc-packed", 1
 _CHUNK = 2**20  # codes packed per step (a multiple of 8, so every chunk ends on a byte boundary)
@@ -83,43 +83,6 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.contiguous().view(as_int), b.contiguous().view(as_int))
 
 
-_ROLES = {"low": "l", "high": "h", "unpaired": "u", "fp32": "f"}
-_GRANULARITIES = {"tensor": "t", "channel": "c", None: "-"}
-_FACTORS = {"in": "i", "out": "o", None: "-"}
-
-
-def encode_plan(rows: list[tuple]) -> dict:
-    """The plan in few bytes (it is most of the header, and the header counts in the file size): the layer names,
-    the bits, the pairs as indices, one letter per layer for the role (l/h/u/f), the scale granularity (t/c/-),
-    the compensation multiplied into the weight (i: per input channel, o: per output channel, -) and the bias."""
-    index = {row[0]: i for i, row in enumerate(rows)}
-    return {"layers": [r[0] for r in rows], "bits": [r[2] for r in rows],
-            "pairs": [[i, index[r[3]]] for i, r in enumerate(rows) if r[1] == "low" and r[3] in index],
-            "roles": "".join(_ROLES[r[1]] for r in rows), "scales": "".join(_GRANULARITIES[r[4]] for r in rows),
-            "compensation": "".join(_FACTORS[r[5]] for r in rows), "bias": "".join("1" if r[6] else "0" for r in rows)}
-
-
-def decode_plan(plan: dict) -> list[tuple]:
-    """:func:`encode_plan` undone: (name, role, bits, partner, granularity, compensation, has bias) per layer."""
-    names = plan["layers"]
-    partner = {}
-    for low, high in plan["pairs"]:
-        partner[names[low]], partner[names[high]] = names[high], names[low]
-    decode = [{v: k for k, v in table.items()} for table in (_ROLES, _GRANULARITIES, _FACTORS)]
-    columns = (plan["roles"], plan["scales"], plan["compensation"], plan["bias"], plan["bits"])
-    if any(len(col) != len(names) for col in columns) or not all(isinstance(n, str) for n in names):
-        raise ValueError("plan columns of different lengths")
-    if any(b not in range(MIN_BITS, MAX_BITS + 1) and b != 32 for b in plan["bits"]):
-        raise ValueError("bits out of range")
-    if any((b < 32) != (g != "-") for b, g in zip(plan["bits"], plan["scales"])):
-        raise ValueError("a quantized layer without scales")
-    if any(not 0 <= i < len(names) for pair in plan["pairs"] for i in pair):
-        raise ValueError("pair index out of range")
-    return [(name, decode[0][plan["roles"][i]], int(plan["bits"][i]), partner.get(name),
-             decode[1][plan["scales"][i]], decode[2][plan["compensation"][i]], plan["bias"][i] == "1")
-            for i, name in enumerate(names)]
-
-
 def _fingerprint(state: dict) -> str:
     """The layout of a state dict (names, shapes, dtypes), hashed: the names themselves would add kilobytes to a
     file of 150 KB; the plan keeps those of the weight layers."""
@@ -130,8 +93,6 @@ def _fingerprint(state: dict) -> str:
 def _apply_factor(layer: nn.Module, weight: torch.Tensor, factor: str | None, c: torch.Tensor | None) -> torch.Tensor:
     """The weight after the compensation the method multiplied into it: DF-MPC's c per input channel (Eq. 7),
     dfmpc+'s c per output channel (a layer without a BatchNorm after it), or none."""
-    from .methods.dfmpc import input_channel_multiplier
-
     if factor == "in":
         return weight * input_channel_multiplier(layer, c)
     if factor == "out":
@@ -139,19 +100,25 @@ def _apply_factor(layer: nn.Module, weight: torch.Tensor, factor: str | None, c:
     return weight
 
 
-def _factor_of(name: str, layer: nn.Module, q: QuantizedTensor, weight: torch.Tensor, c) -> tuple[str | None, object]:
-    """How the saved ``weight`` follows from its codes: (None, None), ("in", c) or ("out", c); exactly, or an error."""
-    dequantized = q.dequantize().to("cpu", weight.dtype)  # the same operations as at loading, on the CPU
-    if _same_bits(dequantized, weight):
-        return None, None
-    if c is not None:
+def _rebuilt_weight(name: str, layer: nn.Module, q: QuantizedTensor, weight: torch.Tensor, factor: str | None, c):
+    """The compensation vector to store for ``name`` (None without one), after checking that the saved ``weight`` is
+    exactly its codes times its scales times the compensation the report says went into it (``factor``)."""
+    if factor is None:
+        c = None  # a vector folded elsewhere (a BatchNorm) is in the state that is stored as it is
+    else:
+        if c is None:
+            raise DfmpcError(f"the report says layer {name!r} has a compensation vector in its weight but holds none; "
+                             "pass the report dfmpc.quantize returned with the model")
         c = c.detach().to("cpu", weight.dtype)
-        fits = {"in": layer.weight.shape[1] * getattr(layer, "groups", 1), "out": weight.shape[0]}
-        for factor in ("in", "out"):
-            if c.numel() == fits[factor] and _same_bits(_apply_factor(layer, dequantized, factor, c), weight):
-                return factor, c
-    raise DfmpcError(f"the weight of layer {name!r} is not its integer codes times its scales (and compensation); "
-                     "save the model exactly as dfmpc.quantize returned it, with its report")
+    dequantized = q.dequantize().to("cpu", weight.dtype)  # the same operations as at loading, on the CPU
+    try:
+        exact = _same_bits(_apply_factor(layer, dequantized, factor, c), weight)
+    except RuntimeError:  # a vector of the wrong length
+        exact = False
+    if not exact:
+        raise DfmpcError(f"the weight of layer {name!r} is not its integer codes times its scales (and compensation); "
+                         "save the model exactly as dfmpc.quantize returned it, with its report")
+    return c
 
 
 def _architecture(meta: dict, model: nn.Module | None) -> nn.Module:
@@ -180,15 +147,15 @@ def _architecture(meta: dict, model: nn.Module | None) -> nn.Module:
     with torch.no_grad():
         arch = method.rebuild(arch) or arch
     modules = dict(arch.named_modules())
-    for name, _role, _bits, _partner, _granularity, _factor, has_bias in meta["plan"]:
-        layer = modules.get(name)
+    for row in meta["plan"]:
+        name, layer = row.name, modules.get(row.name)
         if not isinstance(layer, (nn.Conv2d, nn.Linear)):
             what = "has no layer" if layer is None else f"has a {type(layer).__name__}, not a Conv2d/Linear, as layer"
             raise DfmpcError(f"the model {what} {name!r} that the file quantized: it was saved from another "
                              f"architecture than {meta.get('model') or type(arch).__name__}")
-        if has_bias and layer.bias is None:  # bias correction gave a bias-free layer one
+        if row.has_bias and layer.bias is None:  # bias correction gave a bias-free layer one
             layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype))
-    planned = {row[0] for row in meta["plan"]}
+    planned = {row.name for row in meta["plan"]}
     unplanned = [n for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in planned]
     if unplanned:
         raise DfmpcError(f"the file's field 'plan' leaves out layer {unplanned[0]!r} of "
@@ -231,9 +198,10 @@ def save_quantized(qmodel: nn.Module, report, path: str | os.PathLike, model_nam
             if q is None or q.bits != lr.bits:
                 raise DfmpcError(f"the report has no {lr.bits}-bit codes for layer {lr.name!r}; pass the report "
                                  "dfmpc.quantize returned with the model")
-            factor, c = _factor_of(lr.name, layer, q, state[f"{lr.name}.weight"], report.compensation.get(lr.name))
+            factor = lr.weight_factor  # where the method put it, as its record says: nothing is inferred
+            c = _rebuilt_weight(lr.name, layer, q, state[f"{lr.name}.weight"], factor, report.compensation.get(lr.name))
             packed[f"{lr.name}.weight"], factors[lr.name], granularity = q, c, q.granularity
-        rows.append((lr.name, lr.role, lr.bits, lr.partner, granularity, factor, layer.bias is not None))
+        rows.append(PlanRow(lr.name, lr.role, lr.bits, lr.partner, granularity, factor, layer.bias is not None))
 
     codes, blobs = [], {}
     for key, value in state.items():
@@ -346,7 +314,7 @@ def load_quantized(path: str | os.PathLike, model: nn.Module | None = None) -> n
 def _unpacked_state(meta: dict, tensors: dict, arch: nn.Module, state: dict) -> dict:
     """The state dict of the quantized model: codes dequantized, compensation applied, everything else as saved."""
     modules = dict(arch.named_modules())
-    layers = {f"{row[0]}.weight": row for row in meta["plan"] if row[2] < 32}
+    layers = {f"{row.name}.weight": row for row in meta["plan"] if row.bits < 32}
     blobs = {name: t for name, t in tensors.items() if name != "codes"}
     offsets = dict.fromkeys(tensors, 0)
     codes = tensors["codes"].numpy()
@@ -371,7 +339,7 @@ def _unpacked_state(meta: dict, tensors: dict, arch: nn.Module, state: dict) -> 
         if row is None:
             out[key] = take(ref.dtype, ref.numel()).reshape(ref.shape).clone()
             continue
-        name, _role, bits, _partner, granularity, factor, _bias = row
+        name, bits, granularity, factor = row.name, row.bits, row.granularity, row.factor
         count, nbytes = ref.numel(), _packed_bytes(ref.numel(), bits)
         if offsets["codes"] + nbytes > codes.size:
             raise damaged("codes", codes.size, f"more than {offsets['codes'] + nbytes - 1:,}")

@@ -21,12 +21,14 @@ import math
 import os
 import re
 from pathlib import Path
+from typing import NamedTuple
 
-from .bits import parse_bits
+from .bits import MAX_BITS, MIN_BITS, parse_bits
 from .catalog import MODELS
 from .errors import DfmpcError
 
-__all__ = ["MAX_HEADER_BYTES", "TENSOR_DTYPES", "read_header", "check_metadata", "check_plan"]
+__all__ = ["MAX_HEADER_BYTES", "TENSOR_DTYPES", "PlanRow", "encode_plan", "decode_plan", "read_header", "check_metadata",
+           "check_plan"]
 
 #: a dfmpc header is a few kilobytes (the plan's layer names: about 35 bytes per weight layer); a larger one is
 #: not a dfmpc file, and is refused before it is read
@@ -35,7 +37,6 @@ MAX_HEADER_BYTES = 16 * 2**20
 TENSOR_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
                  "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 _ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-_ROLES, _SCALES, _FACTORS = set("lhuf"), set("tc-"), set("io-")
 _FOREIGN = [  # the first bytes of files that people mistake for a quantized model, and what they are
     (b"PK\x03\x04", "a zip archive (the format of torch.save: a PyTorch checkpoint, not a dfmpc quantized model)"),
     (b"\x1f\x8b", "a gzip archive"),
@@ -185,18 +186,19 @@ def check_metadata(meta: dict, entries: dict, path: str | os.PathLike, methods: 
     return method
 
 
-def check_plan(rows: list[tuple], bits: str, unpaired: str, path: str | os.PathLike) -> None:
-    """The decoded plan (name, role, bits, partner, granularity, compensation, has bias per layer) is one that
+def check_plan(rows: list, bits: str, unpaired: str, path: str | os.PathLike) -> None:
+    """The decoded plan (one :class:`dfmpc.packed.PlanRow` per layer) is one that
     ``bits`` and the ``unpaired`` policy give: low layers at LOW bits, high at HIGH, unpaired layers at the
     policy's bits, full-precision layers at 32, every low layer paired with one high layer, names unique."""
     low, high = parse_bits(bits)
     expected = {"low": {low}, "high": {high}, "unpaired": {{"high": high, "low": low}.get(unpaired, -1)},
                 "fp32": {32}}
-    names = [r[0] for r in rows]
+    names = [r.name for r in rows]
     if len(set(names)) != len(names):
         raise _field(Path(path), "plan", "a layer listed twice", "each weight layer once")
-    roles = {r[0]: r[1] for r in rows}
-    for name, role, layer_bits, partner, *_ in rows:
+    roles = {r.name: r.role for r in rows}
+    for r in rows:
+        name, role, layer_bits, partner = r.name, r.role, r.bits, r.partner
         if layer_bits not in expected[role]:
             raise _field(Path(path), "plan", f"{name}: {role} at {layer_bits} bits",
                          f"{role} layers at {'/'.join(map(str, sorted(expected[role])))} bits for bits {bits!r} and "
@@ -204,3 +206,52 @@ def check_plan(rows: list[tuple], bits: str, unpaired: str, path: str | os.PathL
         if role in ("low", "high") and roles.get(partner) != {"low": "high", "high": "low"}[role]:
             raise _field(Path(path), "plan", f"{name}: {role} layer paired with {partner!r}",
                          "every low layer paired with one high layer")
+
+
+_ROLES = {"low": "l", "high": "h", "unpaired": "u", "fp32": "f"}
+_GRANULARITIES = {"tensor": "t", "channel": "c", None: "-"}
+_FACTORS = {"in": "i", "out": "o", None: "-"}
+
+
+def encode_plan(rows: list[PlanRow]) -> dict:
+    """The plan in few bytes (it is most of the header, and the header counts in the file size): the layer names,
+    the bits, the pairs as indices, one letter per layer for the role (l/h/u/f), the scale granularity (t/c/-),
+    the compensation multiplied into the weight (i: per input channel, o: per output channel, -) and the bias."""
+    index = {r.name: i for i, r in enumerate(rows)}
+    return {"layers": [r.name for r in rows], "bits": [r.bits for r in rows],
+            "pairs": [[i, index[r.partner]] for i, r in enumerate(rows) if r.role == "low" and r.partner in index],
+            "roles": "".join(_ROLES[r.role] for r in rows), "scales": "".join(_GRANULARITIES[r.granularity] for r in rows),
+            "compensation": "".join(_FACTORS[r.factor] for r in rows), "bias": "".join("1" if r.has_bias else "0" for r in rows)}
+
+
+class PlanRow(NamedTuple):
+    """One weight layer of a saved plan."""
+
+    name: str
+    role: str  # "low" | "high" | "unpaired" | "fp32"
+    bits: int  # 32: full precision
+    partner: str | None
+    granularity: str | None  # "tensor" | "channel" (None: full precision)
+    factor: str | None  # "in" | "out": the compensation vector multiplied into the weight along that axis
+    has_bias: bool
+
+
+def decode_plan(plan: dict) -> list[PlanRow]:
+    """:func:`encode_plan` undone: one :class:`PlanRow` per layer."""
+    names = plan["layers"]
+    partner = {}
+    for low, high in plan["pairs"]:
+        partner[names[low]], partner[names[high]] = names[high], names[low]
+    decode = [{v: k for k, v in table.items()} for table in (_ROLES, _GRANULARITIES, _FACTORS)]
+    columns = (plan["roles"], plan["scales"], plan["compensation"], plan["bias"], plan["bits"])
+    if any(len(col) != len(names) for col in columns) or not all(isinstance(n, str) for n in names):
+        raise ValueError("plan columns of different lengths")
+    if any(b not in range(MIN_BITS, MAX_BITS + 1) and b != 32 for b in plan["bits"]):
+        raise ValueError("bits out of range")
+    if any((b < 32) != (g != "-") for b, g in zip(plan["bits"], plan["scales"])):
+        raise ValueError("a quantized layer without scales")
+    if any(not 0 <= i < len(names) for pair in plan["pairs"] for i in pair):
+        raise ValueError("pair index out of range")
+    return [PlanRow(name, decode[0][plan["roles"][i]], int(plan["bits"][i]), partner.get(name),
+                    decode[1][plan["scales"][i]], decode[2][plan["compensation"][i]], plan["bias"][i] == "1")
+            for i, name in enumerate(names)]

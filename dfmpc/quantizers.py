@@ -22,8 +22,9 @@ import torch
 
 from .bits import MAX_BITS, MIN_BITS
 from .errors import DfmpcError
+from .numerics import check_bit_width, per_row, positive_or_one
 
-__all__ = ["GRANULARITIES", "MIN_BITS", "MAX_BITS", "QuantizedTensor", "check_weight", "ternary_quantize",
+__all__ = ["GRANULARITIES", "MIN_BITS", "MAX_BITS", "QuantizedTensor", "check_weight", "uniform_grid_position",
            "uniform_quantize", "quantize_weight"]
 
 GRANULARITIES = ("tensor", "channel")
@@ -55,7 +56,7 @@ class QuantizedTensor:
         return 2.0 * self.codes.to(self.scale.dtype) / n - 1.0
 
     def dequantize(self) -> torch.Tensor:
-        return _broadcast(self.scale, self.codes.dim()) * self.levels()
+        return per_row(self.scale, self.codes.dim()) * self.levels()
 
     @property
     def weight_bits(self) -> int:
@@ -66,13 +67,6 @@ class QuantizedTensor:
     def scale_bits(self) -> int:
         """Scales are stored in full precision (32 bits each)."""
         return self.scale.numel() * 32
-
-
-def _broadcast(per_channel: torch.Tensor, dim: int) -> torch.Tensor:
-    """Reshape a scalar or a (C,) vector so that it broadcasts over a weight of ``dim`` dims."""
-    if per_channel.dim() == 0:
-        return per_channel
-    return per_channel.reshape(-1, *([1] * (dim - 1)))
 
 
 def check_weight(w: torch.Tensor) -> None:
@@ -110,7 +104,7 @@ def ternary_quantize(w: torch.Tensor, granularity: str = "tensor", threshold_fac
     if not threshold_factor >= 0:
         raise DfmpcError(f"threshold_factor must be >= 0, got {threshold_factor}")
     delta = threshold_factor * _reduce_abs(w, granularity, "mean")
-    delta_b = _broadcast(delta, w.dim())
+    delta_b = per_row(delta, w.dim())
     codes = (w > delta_b).to(torch.int8) - (w < -delta_b).to(torch.int8)
     mask = codes != 0
     if granularity == "tensor":
@@ -122,6 +116,14 @@ def ternary_quantize(w: torch.Tensor, granularity: str = "tensor", threshold_fac
     return QuantizedTensor(codes=codes, scale=alpha.to(w.dtype), bits=2, granularity=granularity)
 
 
+def uniform_grid_position(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Eq. (6) inside the round: ``(2^k - 1) (w / (2 scale) + 1/2)``, the weight in units of the k-bit grid of
+    ``scale`` (a scalar, or one per output channel); rounding it and clamping to 0 .. 2^k - 1 gives the codes.
+    A zero scale (an all-zero channel) divides by one instead."""
+    n = 2**bits - 1
+    return n * (w / (2 * per_row(positive_or_one(scale), w.dim())) + 0.5)
+
+
 def uniform_quantize(w: torch.Tensor, bits: int, granularity: str = "tensor") -> QuantizedTensor:
     """Uniform k-bit weights, paper Eq. (6) (DoReFa-Net, Zhou et al. 2016).
 
@@ -131,12 +133,10 @@ def uniform_quantize(w: torch.Tensor, bits: int, granularity: str = "tensor") ->
     """
     check_weight(w)
     _check_granularity(granularity)
-    if isinstance(bits, bool) or not isinstance(bits, int) or not (MIN_BITS <= bits <= MAX_BITS):
-        raise DfmpcError(f"bits must be an integer in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
+    check_bit_width(bits)
     n = 2**bits - 1
     m = _reduce_abs(w, granularity, "max")
-    safe_m = torch.where(m > 0, m, torch.ones_like(m))  # avoid 0/0; the scale stays 0 there
-    codes = torch.round(n * (w / (2 * _broadcast(safe_m, w.dim())) + 0.5)).clamp(0, n)
+    codes = torch.round(uniform_grid_position(w, m, bits)).clamp(0, n)  # a zero max|w| keeps scale 0
     return QuantizedTensor(codes=codes.to(torch.int16 if bits > 7 else torch.int8), scale=m.to(w.dtype),
                            bits=bits, granularity=granularity)
 
@@ -147,8 +147,7 @@ def quantize_weight(w: torch.Tensor, bits: int, granularity: str = "tensor") -> 
     "For 2-bit, our DF-MPC uses the ternary representation based on Eq. (3). For 3-bit and 6-bit,
     our DF-MPC uses the quantized representation based on Eq. (6)." (paper, Section 5.2)
     """
-    if isinstance(bits, bool) or not isinstance(bits, int) or not (MIN_BITS <= bits <= MAX_BITS):
-        raise DfmpcError(f"bits must be an integer in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
+    check_bit_width(bits)
     if bits == 2:
         return ternary_quantize(w, granularity)
     return uniform_quantize(w, bits, granularity)

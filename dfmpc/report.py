@@ -1,4 +1,6 @@
-"""What a quantization method did to every layer, and what the result costs."""
+"""What a quantization method did to every layer, and what the result costs: the record that the file format
+(:mod:`dfmpc.packed`) writes without guessing: every layer's role, bits, codes and scales (``quantized``), where its
+compensation went, and the method's settings."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -17,6 +19,10 @@ class LayerReport:
     c_min: float | None = None  # compensation vector of a high layer (Eq. 7), when there is one
     c_mean: float | None = None
     c_max: float | None = None
+    granularity: str | None = None  # "tensor" | "channel": the scales of its integer codes (None: fp32)
+    weight_factor: str | None = None  # "in" | "out": its compensation vector multiplied into its weight along that axis
+    changed: tuple[str, ...] = ()  # what its compensation or correction changed: "<layer>.weight", a BatchNorm, ...
+    details: dict = field(default_factory=dict)  # what the method fitted for this layer, e.g. dfmpc+'s "rho"
 
 
 @dataclass

@@ -12,6 +12,7 @@ import dfmpc
 from dfmpc.cli import main
 from dfmpc.errors import DfmpcError
 from dfmpc.methods import METHODS
+from dfmpc.methods.base import Run
 from dfmpc.methods.dfq import RELU6_MODES, ChannelClip, DataFreeQuantization, equalize_pair, fold_batch_norm, input_channel_absmax
 from dfmpc.methods.omse import OptimalClipping, mse_optimal_ternary, mse_optimal_uniform, weighted_quantization_error
 from dfmpc.methods.per_channel import PerChannelQuantization
@@ -89,6 +90,41 @@ def test_every_method_leaves_the_input_model_alone_and_is_deterministic(method):
         ref, out = model(x), q8(x)
     rel = ((out - ref).norm() / ref.norm()).item()
     assert 0 < rel < 0.05, rel
+
+
+@pytest.mark.parametrize("method", EXPECTED)
+def test_a_method_object_is_not_changed_by_apply_and_the_record_says_where_compensation_went(method):
+    """Settings in, (model, record) out: nothing of a run is left on the method object, and the report records every
+    quantized layer's codes and scales, and every weight a compensation vector was multiplied into."""
+    transform = METHODS[method]("2/6", **({"input_size": 8, "steps": 2} if method == "zeroq" else {}))
+    before = copy.deepcopy(transform.__dict__)
+    qmodel, report = transform.apply(Net().eval())
+    assert transform.__dict__.keys() == before.keys()
+    assert all(transform.__dict__[k] == before[k] for k in before), method
+    assert report.settings == transform.settings() and set(report.quantized) == {
+        lr.name for lr in report.layers if lr.bits < 32}
+    for lr in report.layers:
+        assert lr.granularity == (None if lr.bits == 32 else report.quantized[lr.name].granularity)
+        assert lr.weight_factor in (None, "in", "out")
+        assert (f"{lr.name}.weight" in lr.changed) == (lr.weight_factor is not None)
+    factors = {lr.name: lr.weight_factor for lr in report.layers if lr.weight_factor}
+    expected = {"dfmpc": {"conv2": "in"}, "dfmpc+": {"fc": "out"}}.get(method, {})
+    assert factors == expected, factors
+
+
+def test_no_method_imports_another_method():
+    """Shared code lives below the methods (quantizers, numerics, clipping, rounding, placement, ...)."""
+    import ast
+    from pathlib import Path
+
+    folder = Path(dfmpc.__file__).parent / "methods"
+    siblings = {p.stem for p in folder.glob("*.py")} - {"__init__", "base"}
+    for path in folder.glob("*.py"):
+        if path.stem == "__init__":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                assert (node.module or "") not in siblings, f"{path.name} imports from sibling method {node.module}"
 
 
 def test_per_channel_is_the_paper_quantizer_with_channel_scales():
@@ -222,7 +258,7 @@ def test_dfq_prepare_keeps_the_full_precision_output():
     method = DataFreeQuantization("2/6")
     copy_ = copy.deepcopy(model)
     with torch.no_grad():
-        method.prepare(copy_, plan_layers(copy_, "2/6"))
+        method.prepare(copy_, plan_layers(copy_, "2/6"), Run())
         assert torch.allclose(copy_(x), model(x), atol=1e-4)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in copy_.modules())
 
@@ -257,7 +293,7 @@ def test_dfq_relu6_is_clipped_per_channel_by_default_kept_or_replaced_on_request
     with torch.no_grad():
         for mode in RELU6_MODES:
             done[mode] = copy.deepcopy(net)
-            DataFreeQuantization("2/6", relu6=mode).prepare(done[mode], plan_layers(done[mode], "2/6"))
+            DataFreeQuantization("2/6", relu6=mode).prepare(done[mode], plan_layers(done[mode], "2/6"), Run())
         assert isinstance(done["keep"][2], nn.ReLU6) and torch.allclose(done["keep"](x), net(x), atol=1e-5)
         clip = done["clip"][2]
         assert isinstance(clip, ChannelClip) and not torch.allclose(clip.max_val, torch.full_like(clip.max_val, 6.0))
@@ -366,7 +402,7 @@ def test_dfq_equalization_across_relu6_is_exact_on_efficientnet_lite0(shared):
     x = load_dataset("imagenet", transform=spec.eval_transform(), limit=4, seed=0, cache=True, progress=False).tensors[0]
     method = DataFreeQuantization("6/6")
     with torch.no_grad():
-        prepared = method.prepare(copy.deepcopy(model), plan_layers(model, "6/6", require_pairs=False))
+        prepared = method.prepare(copy.deepcopy(model), plan_layers(model, "6/6", require_pairs=False), Run())
         ref, out = model(x), prepared(x)
     clips = [m for m in prepared.modules() if isinstance(m, ChannelClip)]
     assert len(clips) > 30 and any(not torch.all(c.max_val == 6) for c in clips)

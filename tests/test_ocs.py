@@ -12,6 +12,7 @@ from torch import nn
 import dfmpc
 from dfmpc.errors import DfmpcError
 from dfmpc.methods import METHODS, ocs
+from dfmpc.methods.base import Run
 from dfmpc.methods.ocs import OutlierChannelSplitting, SplitConv2d, SplitLinear
 from dfmpc.methods.per_channel import PerChannelQuantization
 from dfmpc.plan import plan_layers
@@ -55,7 +56,7 @@ def _prepared(model, bits="4/6", **settings):
     copy_ = copy.deepcopy(model)
     method = OutlierChannelSplitting(bits, **settings)
     with torch.no_grad():
-        method.prepare(copy_, plan_layers(copy_, bits, require_pairs=False))
+        method.prepare(copy_, plan_layers(copy_, bits, require_pairs=False), Run())
     return copy_
 
 
@@ -141,8 +142,7 @@ def test_quantization_aware_splitting_keeps_split_slices_within_half_a_step():
         assert torch.equal(same_source, source)
         assert torch.allclose(_folded(shifted, source, 12), w, atol=1e-12)  # still the same function
         method = OutlierChannelSplitting("3/3", granularity=granularity)
-        method.splits = {"layer": (w, columns)}
-        q = method.quantize_layer("layer", plain, bits)
+        q = method.quantize_layer("layer", plain, bits, Run(splits={"layer": (w, columns)}))
         assert torch.equal(q.scale, grid.scale)  # the grid of the plainly split weight, as the reference
         aware_error = (_folded(q.dequantize(), source, 12) - w).abs()
         plain_error = (_folded(grid.dequantize(), source, 12) - w).abs()

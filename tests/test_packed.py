@@ -13,7 +13,7 @@ import dfmpc
 from dfmpc import DfmpcError, load_quantized, save_quantized
 from dfmpc.methods import METHODS
 from dfmpc.models import load_model
-from dfmpc.packed import decode_plan, encode_plan, pack_codes, read_info, unpack_codes
+from dfmpc.packed import PlanRow, decode_plan, encode_plan, pack_codes, read_info, unpack_codes
 
 WEIGHTS20 = "data/cifar10/weights/he2016_option_a/resnet20-12fca82f.th"
 
@@ -73,10 +73,11 @@ def test_bits_are_laid_out_least_significant_first():
 
 
 def test_plan_encoding_round_trips():
-    rows = [("a", "unpaired", 6, None, "tensor", None, False), ("b", "low", 2, "c", "channel", None, True),
-            ("c", "high", 6, "b", "channel", "in", False), ("d", "fp32", 32, None, None, None, True),
-            ("e", "unpaired", 6, None, "channel", "out", True)]
+    rows = [PlanRow(*r) for r in [("a", "unpaired", 6, None, "tensor", None, False), ("b", "low", 2, "c", "channel", None, True),
+                                  ("c", "high", 6, "b", "channel", "in", False), ("d", "fp32", 32, None, None, None, True),
+                                  ("e", "unpaired", 6, None, "channel", "out", True)]]
     assert decode_plan(json.loads(json.dumps(encode_plan(rows)))) == rows
+    assert decode_plan(encode_plan(rows))[2].factor == "in"  # named fields, not positions
 
 
 # --------------------------------------------------------------------------- exact round trip

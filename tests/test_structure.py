@@ -8,7 +8,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "dfmpc"
 MODULES = sorted(PACKAGE.rglob("*.py"))
 CORE = [PACKAGE / f"{name}.py" for name in ("quantizers", "compensation", "moments", "graph", "plan", "size", "report",
-                                             "api")] + sorted((PACKAGE / "methods").glob("*.py"))
+                                             "api", "numerics", "clipping", "rounding", "placement")]
+CORE += sorted((PACKAGE / "methods").glob("*.py"))
 
 
 def _ids(paths):

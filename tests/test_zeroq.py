@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dfmpc
-from dfmpc.distill import EPS, bn_statistics_loss, default_input_size, distill_data
+from dfmpc.distill import DISTILLED_IMAGES, EPS, bn_statistics_loss, default_input_size, distill_data
 from dfmpc.errors import DfmpcError
 from dfmpc.methods import METHODS
 from dfmpc.methods import zeroq as zq
@@ -317,9 +317,9 @@ def test_reused_distillation_still_counts_in_the_reported_seconds(monkeypatch):
         other[0].weight[0, 0, 0, 0] += 1e-3  # another model state: distilled again
     method().distilled(other)
     assert calls == [1, 1]
-    for size in range(9, 9 + zq.CACHE_SIZE + 1):
+    for size in range(9, 9 + DISTILLED_IMAGES.size + 1):
         ZeroQ(input_size=size, steps=0).distilled(net)
-    assert len(zq._CACHE) == zq.CACHE_SIZE
+    assert len(DISTILLED_IMAGES) == DISTILLED_IMAGES.size
 
 
 def test_a_model_without_batchnorm_and_bad_settings_are_refused():

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import DfmpcError
 from ..methods import METHODS
+from ..methods.base import Run
 from ..methods.dfq import DataFreeQuantization
 from ..methods.omse import weighted_quantization_error
 from ..moments import expected_output_shift
@@ -63,25 +64,25 @@ def _dfq_checks(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) ->
     for relu6 in ("clip", "relu"):
         method = DataFreeQuantization("6/6", relu6=relu6)
         with torch.no_grad():
-            prepared = method.prepare(copy.deepcopy(model), plan_layers(model, "6/6", require_pairs=False))
+            prepared = method.prepare(copy.deepcopy(model), plan_layers(model, "6/6", require_pairs=False), Run())
         logits = logits_of(prepared, images)
         out[f"equalized_{relu6}"] = {
             "max_rel_logit_change": float((logits - reference).abs().max() / reference.abs().max()),
             "top1": 100.0 * float((logits.argmax(1) == labels).double().mean()),
             "top1_agreement": 100.0 * float((logits.argmax(1) == reference.argmax(1)).double().mean())}
-    method = DataFreeQuantization("6/6")
+    method, run = DataFreeQuantization("6/6"), Run()
     with torch.no_grad():
-        prepared = method.prepare(copy.deepcopy(model), plan_layers(model, "6/6", require_pairs=False))
+        prepared = method.prepare(copy.deepcopy(model), plan_layers(model, "6/6", require_pairs=False), run)
     layers = dict(prepared.named_modules())
     quantized = [a for a in plan_layers(prepared, "6/6", require_pairs=False).layers if a.bits < 32]
     deltas = {}
     for a in quantized:
         w = layers[a.name].weight.detach()
-        deltas[a.name] = method.quantize_layer(a.name, w, a.bits).dequantize() - w
+        deltas[a.name] = method.quantize_layer(a.name, w, a.bits, run).dequantize() - w
     measured_shifts = _measured_output_shifts(prepared, deltas, images)
     rows = []
     for a in quantized:
-        analytic = expected_output_shift(layers[a.name], deltas[a.name], method.moments[a.name])
+        analytic = expected_output_shift(layers[a.name], deltas[a.name], run.moments[a.name])
         measured = measured_shifts[a.name]
         scale = float(measured.norm())
         rows.append({"layer": a.name, "rel_error": float((analytic - measured).norm()) / scale if scale > 0 else None,
@@ -104,7 +105,7 @@ def _omse_check(model: nn.Module, bits: str) -> dict:
         if a.bits >= 32:
             continue
         w = modules[a.name].weight.detach()
-        e_omse = weighted_quantization_error(w, omse.quantize_layer(a.name, w, a.bits))
+        e_omse = weighted_quantization_error(w, omse.quantize_layer(a.name, w, a.bits, Run()))
         e_max = weighted_quantization_error(w, quantize_weight(w, a.bits, "channel"))
         ratio = float((e_omse / e_max.clamp(min=1e-30)).max())
         worst = ratio if worst is None else max(worst, ratio)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import datetime
 import json
-import math
 import os
 import sys
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DfmpcError
+from ..options import parse_setting
 from .provenance import collect_data_records, device_name, versions
 from .session import PRESETS, Session
 
@@ -55,28 +55,6 @@ def _replace_image_counts(obj, n):
     return obj
 
 
-def _parse_like(text: str, example, key: str):
-    """``text`` converted to the type of the preset's value ``example`` (lists: comma-separated)."""
-    if isinstance(example, list):
-        item = example[0] if example else ""
-        return [_parse_like(t.strip(), item, key) for t in text.split(",") if t.strip()]
-    if isinstance(example, bool):
-        if text.lower() not in ("true", "false"):
-            raise DfmpcError(f"--set {key}= takes true or false, got {text!r}")
-        return text.lower() == "true"
-    if isinstance(example, (int, float)) or example is None:
-        if text.lower() in ("all", "none"):
-            return None
-        try:
-            value = type(example)(text) if example is not None else int(text)
-        except ValueError:
-            raise DfmpcError(f"--set {key}= takes a number, got {text!r}") from None
-        if not math.isfinite(value):  # float("inf"), float("1e400"), float("nan")
-            raise DfmpcError(f"--set {key}= takes a finite number, got {text!r}")
-        return value
-    return text
-
-
 def settings_for(name: str, preset: str = "quick", images=None, overrides: dict | None = None) -> dict:
     """The settings of experiment ``name`` in ``preset``, then ``images`` (N or "all") and ``overrides``.
 
@@ -94,7 +72,7 @@ def settings_for(name: str, preset: str = "quick", images=None, overrides: dict 
     for key, value in (overrides or {}).items():
         if key not in cfg:
             raise DfmpcError(f"experiment {name} has no setting {key!r}; its settings: {', '.join(cfg)}")
-        cfg[key] = _parse_like(value, cfg[key], key) if isinstance(value, str) else value
+        cfg[key] = parse_setting(value, cfg[key], f"--set {key}=") if isinstance(value, str) else value
     return cfg
 
 

@@ -6,6 +6,7 @@ from torch import nn
 
 from ..errors import DfmpcError
 from ..methods import METHODS
+from ..methods.base import Run
 from ..models import load_model
 from ..plan import plan_layers
 from ..size import fp32_size_mb, quantized_size_mb
@@ -42,7 +43,7 @@ def planned_size_mb(model: nn.Module, bits: str, method: str = "dfmpc", unpaired
             low = modules[p.low]
             n = low.out_channels if isinstance(low, nn.Conv2d) else low.out_features
             comp[p.high] = torch.empty(n)
-    return quantized_size_mb(model, plan.bits_by_layer(), granularity, m.compensation_storage(comp))
+    return quantized_size_mb(model, plan.bits_by_layer(), granularity, m.compensation_storage(comp, Run()))
 
 
 def _uniform_bits(wbit: str) -> str:

@@ -1,36 +1,32 @@
-"""Quantization methods, one file each; ``METHODS`` maps the names used by the API and the CLI."""
+"""Quantization methods, one file each; ``METHODS`` maps the names used by the API and the CLI to their classes,
+taken from the one registry, :data:`dfmpc.catalog.METHOD_REGISTRY` (which also holds every description)."""
+from __future__ import annotations
+
+import inspect
+from importlib import import_module
+
+from ..catalog import METHOD_REGISTRY
 from .base import QuantizationMethod
-from .dfmpc import MixedPrecisionCompensation
-from .dfmpc_plus import DFMPCPlus
-from .dfq import DataFreeQuantization
-from .ocs import OutlierChannelSplitting
-from .omse import OptimalClipping
-from .original import DirectQuantization
-from .per_channel import PerChannelQuantization
-from .squant import SQuant
-from .zeroq import ZeroQ
 
 METHODS: dict[str, type[QuantizationMethod]] = {
-    DirectQuantization.name: DirectQuantization,
-    PerChannelQuantization.name: PerChannelQuantization,
-    DataFreeQuantization.name: DataFreeQuantization,
-    OptimalClipping.name: OptimalClipping,
-    OutlierChannelSplitting.name: OutlierChannelSplitting,
-    SQuant.name: SQuant,
-    ZeroQ.name: ZeroQ,  # synthetic data: distilled from the BatchNorm statistics, not data-free in the paper's sense
-    MixedPrecisionCompensation.name: MixedPrecisionCompensation,
-    DFMPCPlus.name: DFMPCPlus,
-}
+    name: getattr(import_module(f".{entry.module}", __name__), entry.cls) for name, entry in METHOD_REGISTRY.items()}
 
-__all__ = ["METHODS", "settings_for_model", "QuantizationMethod",
-           "DirectQuantization", "PerChannelQuantization", "DataFreeQuantization",
-           "OptimalClipping", "OutlierChannelSplitting", "SQuant", "ZeroQ", "MixedPrecisionCompensation", "DFMPCPlus"]
+__all__ = ["METHODS", "settings_for_model", "setting_defaults", "QuantizationMethod"]
+
+
+def setting_defaults(method: str) -> dict:
+    """Every setting ``method`` takes, with its default: the parameters of its constructor and of the constructors
+    it passes its keyword arguments to (the one place where settings are read from a signature)."""
+    out = {}
+    for klass in reversed(METHODS[method].__mro__):
+        if issubclass(klass, QuantizationMethod) and "__init__" in vars(klass):
+            for name, p in inspect.signature(klass.__init__).parameters.items():
+                if name not in ("self", "bits") and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+                    out[name] = p.default
+    return out
 
 
 def settings_for_model(method: str, spec) -> dict:
     """What ``method`` needs to know about a listed model beyond its weights (``spec``: its ModelSpec): the input
     size for a method that synthesises images (zeroq); nothing for the others."""
-    import inspect
-
-    accepted = inspect.signature(METHODS[method].__init__).parameters
-    return {"input_size": spec.input_size} if "input_size" in accepted and spec is not None else {}
+    return {"input_size": spec.input_size} if "input_size" in setting_defaults(method) and spec is not None else {}

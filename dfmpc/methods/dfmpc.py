@@ -10,56 +10,15 @@ equivalent to multiplying [it] with respect to the output channel of the low-bit
 """
 from __future__ import annotations
 
-import torch
-from torch import nn
-
 from ..compensation import BatchNormStats, check_lambdas, solve_compensation
 from ..errors import DfmpcError
+from ..placement import FOLDS, apply_compensation, input_channel_multiplier
 from .base import QuantizationMethod
 
 __all__ = ["FOLDS", "input_channel_multiplier", "apply_compensation", "MixedPrecisionCompensation"]
 
-FOLDS = ("next", "bn")
-
-
-def input_channel_multiplier(layer: nn.Module, c: torch.Tensor) -> torch.Tensor:
-    """The tensor that multiplies ``layer.weight`` so that its input channel j is scaled by c_j.
-
-    For a grouped convolution (groups g, weight [O, C/g, k, k]) input channel j is slot j mod C/g of
-    the outputs of group j div (C/g); a depthwise layer therefore scales its filter j as a whole.
-    """
-    w = layer.weight
-    if isinstance(layer, nn.Linear):
-        return c.reshape(1, -1).to(w.dtype)
-    groups = layer.groups
-    out_per_group, in_per_group = w.shape[0] // groups, w.shape[1]
-    group_of_output = torch.arange(w.shape[0], device=c.device) // out_per_group
-    index = group_of_output[:, None] * in_per_group + torch.arange(in_per_group, device=c.device)[None, :]
-    return c.to(w.dtype)[index].reshape(w.shape[0], in_per_group, *([1] * (w.dim() - 2)))
-
-
-def apply_compensation(model: nn.Module, pair, c: torch.Tensor, fold: str = "next") -> None:
-    """Multiply c into the model in place: into layer l+1's input channels, or into the BN after layer l."""
-    modules = dict(model.named_modules())
-    if fold == "next":
-        high = modules[pair.high]
-        high.weight.mul_(input_channel_multiplier(high, c.to(high.weight.device)))
-    elif fold == "bn":
-        if pair.bn is None or not pair.exact:
-            raise DfmpcError(f"cannot fold c into a batch norm for pair {pair.low} -> {pair.high}: it needs a BN and only "
-                             "positively homogeneous ops (ReLU, pooling) between the layers; use fold='next'")
-        bn = modules[pair.bn]
-        if bn.weight is None:
-            raise DfmpcError(f"batch norm {pair.bn} has no affine parameters to fold c into; use fold='next'")
-        bn.weight.mul_(c.to(bn.weight.device))
-        bn.bias.mul_(c.to(bn.bias.device))
-    else:
-        raise DfmpcError(f"unknown fold {fold!r}; use one of {', '.join(FOLDS)}")
-
-
 class MixedPrecisionCompensation(QuantizationMethod):
     name = "dfmpc"
-    description = "DF-MPC: closed-form per-channel compensation of each low-bit layer by the next high-bit layer (Eq. 7-11)"
     needs_pairs = True
 
     def __init__(self, bits="2/6", lambda1: float = 0.5, lambda2: float = 0.0, fold: str = "next", **kwargs):
@@ -72,16 +31,20 @@ class MixedPrecisionCompensation(QuantizationMethod):
     def settings(self) -> dict:
         return {**super().settings(), "lambda1": self.lambda1, "lambda2": self.lambda2, "fold": self.fold}
 
-    def compensation_storage(self, compensation):
+    def compensation_storage(self, compensation, run):
         # folded into the BN's gamma and beta, c costs no extra storage
-        return {} if self.fold == "bn" else super().compensation_storage(compensation)
+        return {} if self.fold == "bn" else super().compensation_storage(compensation, run)
 
-    def adjust(self, model, plan, fp_weights, quantized):
+    def adjust(self, model, plan, fp_weights, quantized, run):
         modules = dict(model.named_modules())
         compensation = {}
         for pair in plan.pairs:
             bn = BatchNormStats.from_module(modules[pair.bn]) if pair.bn is not None else None
             c = solve_compensation(fp_weights[pair.low], quantized[pair.low].dequantize(), bn, self.lambda1, self.lambda2)
             apply_compensation(model, pair, c, self.fold)
+            if self.fold == "next":
+                run.multiplied_into(pair.high, "in")  # Eq. (7): c scales layer l+1's input channels
+            else:
+                run.folded_into(pair.high, pair.bn)
             compensation[pair.high] = c
         return compensation

@@ -45,15 +45,16 @@ import math
 import torch
 from torch import nn
 
+from ..clipping import mse_optimal_quantize, mse_optimal_ternary
 from ..errors import DfmpcError
 from ..graph import trace
 from ..moments import expected_output_shift, per_input_channel
+from ..numerics import divide_where_positive, positive_or_one
+from ..placement import correct_bias
 from ..propagation import following_batch_norms, input_moments
-from ..quantizers import QuantizedTensor, quantize_weight
+from ..quantizers import QuantizedTensor, quantize_weight, uniform_grid_position
+from ..rounding import squant_round
 from .base import QuantizationMethod
-from .dfq import correct_bias
-from .omse import mse_optimal_quantize, mse_optimal_ternary
-from .squant import squant_round
 
 __all__ = ["DFMPCPlus", "GAINS", "ROUNDINGS", "flip_rounded",
            "channel_gain", "compensation_from_gain", "coupled_objective", "coupled_gain",
@@ -67,10 +68,7 @@ def flip_rounded(w: torch.Tensor, q: QuantizedTensor) -> QuantizedTensor:
     """The k-bit codes of ``w`` on the grid of ``q`` (its scales, Eq. 6 levels), rounded by SQuant's flip rule
     (:func:`dfmpc.methods.squant.squant_round`: every kernel's and every channel's rounding-error sum near zero)
     instead of to the nearest level."""
-    n = 2**q.bits - 1
-    scale = q.scale.reshape(-1, *([1] * (w.dim() - 1))) if q.granularity == "channel" else q.scale
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    codes = squant_round(n * (w / (2 * safe) + 0.5), 0, n)
+    codes = squant_round(uniform_grid_position(w, q.scale, q.bits), 0, 2**q.bits - 1)
     return QuantizedTensor(codes=codes.to(q.codes.dtype), scale=q.scale, bits=q.bits, granularity=q.granularity)
 
 
@@ -83,7 +81,7 @@ def channel_gain(w: torch.Tensor, w_q: torch.Tensor, variances: torch.Tensor) ->
     w, w_q = w.double().reshape(w.shape[0], -1), w_q.double().reshape(w.shape[0], -1)
     v = torch.broadcast_to(v, (w.shape[0],) + tuple(variances.shape[1:])).reshape(w.shape[0], -1)
     e_fp, e_q, cross = (v * w * w).sum(dim=1), (v * w_q * w_q).sum(dim=1), (v * w * w_q).sum(dim=1)
-    safe = torch.where(e_fp > 0, e_fp, torch.ones_like(e_fp))
+    safe = positive_or_one(e_fp)
     slope = torch.where(e_fp > 0, cross / safe, torch.ones_like(e_fp))
     return {"slope": slope, "energy_fp": e_fp, "energy_q": e_q, "cross": cross}
 
@@ -185,7 +183,7 @@ def correlated_cosine(w: torch.Tensor, w_q: torch.Tensor, rho: float, variances:
         return (v * ((1 - rho) * (x * y).sum(dim=2) + rho * x.sum(dim=2) * y.sum(dim=2))).sum(dim=1)
 
     den = torch.sqrt(inner(a, a) * inner(b, b))
-    return torch.where(den > 0, inner(a, b) / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(den))
+    return divide_where_positive(inner(a, b), den, torch.zeros_like(den))
 
 
 def _best_block_codes(w: torch.Tensor, alpha: torch.Tensor, rho: float) -> torch.Tensor:
@@ -275,8 +273,6 @@ def correlated_ternary(w: torch.Tensor, rho: float, variances: torch.Tensor | No
 
 class DFMPCPlus(QuantizationMethod):
     name = "dfmpc+"
-    description = ("ours, data-free: mean correction and unbiased per-channel compensation from the BN "
-                   "statistics, correlation-aware ternary codes, flip-rounded k-bit codes, folded into the BNs")
 
     def __init__(self, bits="2/6", granularity: str = "channel", gain: str = "unbiased", mean_correction: bool = True,
                  weighting: str = "none", correlation="fit", clipping: str = "optimal", rounding: str = "flip",
@@ -303,63 +299,64 @@ class DFMPCPlus(QuantizationMethod):
             raise DfmpcError(f"restarts must be a non-empty list of positive numbers, got {list(restarts)}")
         self.gain, self.mean_correction, self.weighting, self.correlation = gain, bool(mean_correction), weighting, correlation
         self.clipping, self.rounding, self.max_rho, self.restarts = clipping, rounding, float(max_rho), restarts
-        self._moments, self._bn, self._modules, self._stored, self._rho = {}, {}, {}, {}, {}
 
     def settings(self) -> dict:
         return {**super().settings(), "gain": self.gain, "mean_correction": self.mean_correction,
                 "weighting": self.weighting, "correlation": self.correlation, "clipping": self.clipping,
                 "rounding": self.rounding, "max_rho": self.max_rho, "restarts": list(self.restarts)}
 
-    def prepare(self, model, plan):
-        self._moments = input_moments(model)
-        self._bn = following_batch_norms(model, trace(model))
-        self._modules = dict(model.named_modules())
-        self._stored, self._rho = {}, {}
+    def prepare(self, model, plan, run):
+        run.moments = input_moments(model)  # every layer's input moments, from the BN statistics
+        run.bn = following_batch_norms(model, trace(model))  # layer -> the BN after it
+        run.modules = dict(model.named_modules())
+        run.rho = {}  # ternary layer -> the kernel correlation of its correlated codes
         for a in plan.layers:
-            layer = self._modules[a.name]
+            layer = run.modules[a.name]
             if (a.bits != 2 or self.granularity != "channel" or not isinstance(layer, nn.Conv2d)
                     or layer.weight[0, 0].numel() == 1):
                 continue
             if self.correlation == "fit":
-                bn = self._modules[self._bn[a.name]] if a.name in self._bn else None
-                self._rho[a.name] = 0.0 if bn is None else fit_kernel_correlation(layer, self._moments[a.name].var,
-                                                                                  bn.running_var, self.max_rho)
+                bn = run.modules[run.bn[a.name]] if a.name in run.bn else None
+                run.rho[a.name] = 0.0 if bn is None else fit_kernel_correlation(layer, run.moments[a.name].var,
+                                                                                bn.running_var, self.max_rho)
             else:
-                self._rho[a.name] = float(self.correlation)
+                run.rho[a.name] = float(self.correlation)
+            run.details[a.name] = {"rho": run.rho[a.name]}
 
-    def _variances(self, name: str) -> torch.Tensor:
-        layer = self._modules[name]
+    def _variances(self, name: str, run) -> torch.Tensor:
+        layer = run.modules[name]
         if self.weighting == "none":
             return torch.ones_like(layer.weight, dtype=torch.float64)
-        return torch.broadcast_to(per_input_channel(layer, self._moments[name].var.double()), layer.weight.shape)
+        return torch.broadcast_to(per_input_channel(layer, run.moments[name].var.double()), layer.weight.shape)
 
-    def quantize_layer(self, name, weight, bits):
-        rho = self._rho.get(name, 0.0)
+    def quantize_layer(self, name, weight, bits, run):
+        rho = run.rho.get(name, 0.0)
         if rho > 0:
-            v = None if self.weighting == "none" else _block_variances(self._modules[name], self._moments[name].var)
+            v = None if self.weighting == "none" else _block_variances(run.modules[name], run.moments[name].var)
             return correlated_ternary(weight, rho, v, restarts=self.restarts)
         if bits > 2 and self.clipping == "none":
             q = quantize_weight(weight, bits, self.granularity)
         else:
-            q = mse_optimal_quantize(weight, bits, self.granularity, self._variances(name), criterion="cosine")
+            q = mse_optimal_quantize(weight, bits, self.granularity, self._variances(name, run), criterion="cosine")
         return flip_rounded(weight, q) if bits > 2 and self.rounding == "flip" else q
 
-    def compensation_storage(self, compensation):
-        return dict(self._stored)
+    def compensation_storage(self, compensation, run):
+        return dict(run.stored)
 
-    def adjust(self, model, plan, fp_weights, quantized):
+    def adjust(self, model, plan, fp_weights, quantized, run):
         modules = dict(model.named_modules())
         compensation = {}
         for name, q in quantized.items():
             layer, w = modules[name], fp_weights[name]
             w_q = q.dequantize()
-            c = compensation_from_gain(channel_gain(w, w_q, self._variances(name)), self.gain)
+            c = compensation_from_gain(channel_gain(w, w_q, self._variances(name, run)), self.gain)
             shape = (-1,) + (1,) * (w.dim() - 1)
-            shift = (expected_output_shift(layer, c.reshape(shape) * w_q.double() - w.double(), self._moments[name])
+            shift = (expected_output_shift(layer, c.reshape(shape) * w_q.double() - w.double(), run.moments[name])
                      if self.mean_correction else torch.zeros_like(c))
-            bn_name = self._bn.get(name)
+            bn_name = run.bn.get(name)
             if bn_name is not None:
                 bn = modules[bn_name]
+                run.folded_into(name, bn_name)
                 # We want BN_fp(c X^ - shift) = gamma c (X^ - (mu + shift) / c) / sqrt(var + eps) + beta.
                 bn.running_mean.copy_(((bn.running_mean.double() + shift) / c).to(bn.running_mean.dtype))
                 if bn.weight is not None:
@@ -369,9 +366,11 @@ class DFMPCPlus(QuantizationMethod):
                                          .to(bn.running_var.dtype))
             else:
                 layer.weight.mul_(c.reshape(shape).to(layer.weight.dtype))
+                run.multiplied_into(name, "out")
                 if self.mean_correction:
                     correct_bias(layer, shift)
+                    run.folded_into(name, f"{name}.bias")
                 if self.granularity == "tensor" and self.gain != "none":
-                    self._stored[name] = c.numel()
+                    run.stored[name] = c.numel()
             compensation[name] = c.to(w.dtype)
         return compensation

@@ -45,9 +45,9 @@ from torch import fx, nn
 from ..errors import DfmpcError
 from ..graph import BATCH_NORMS, adjacent_pairs, trace
 from ..moments import expected_output_shift
+from ..placement import correct_bias, input_channel_multiplier
 from ..propagation import following_batch_norms, input_moments
 from .base import QuantizationMethod
-from .dfmpc import input_channel_multiplier
 
 __all__ = ["DataFreeQuantization", "ChannelClip", "equalize_pair", "equalize", "replace_relu6", "fold_batch_norm",
            "correct_bias", "input_channel_absmax", "RELU6_MODES"]
@@ -201,18 +201,8 @@ def fold_batch_norm(model: nn.Module, layer_name: str, bn_name: str) -> None:
     _set_module(model, bn_name, nn.Identity())
 
 
-def correct_bias(layer: nn.Module, shift: torch.Tensor) -> None:
-    """Subtract the expected output shift from the layer's bias (creating a bias if it has none)."""
-    shift = shift.to(layer.weight.dtype)
-    if layer.bias is None:
-        layer.bias = nn.Parameter(-shift.clone())
-    else:
-        layer.bias.sub_(shift)
-
-
 class DataFreeQuantization(QuantizationMethod):
     name = "dfq"
-    description = "DFQ (Nagel et al. 2019): cross-layer equalization (exact across ReLU6), BN folding, bias correction"
 
     def __init__(self, bits="2/6", equalize: bool = True, bias_correction: bool = True, relu6: str = "clip", **kwargs):
         super().__init__(bits, **kwargs)
@@ -220,15 +210,14 @@ class DataFreeQuantization(QuantizationMethod):
             raise DfmpcError(f"unknown relu6 {relu6!r}; use 'clip' (per-channel clip bounds, exact), 'relu' (replace "
                              "ReLU6 by ReLU, as Nagel et al.) or 'keep' (do not equalize across ReLU6)")
         self.equalize, self.bias_correction, self.relu6 = bool(equalize), bool(bias_correction), relu6
-        self.moments = {}  # input moments of every layer (after prepare), for the bias correction
 
     def settings(self) -> dict:
         return {**super().settings(), "equalize": self.equalize, "bias_correction": self.bias_correction,
                 "relu6": self.relu6}
 
-    def prepare(self, model, plan):
+    def prepare(self, model, plan, run):
         model = self._equalized(model)
-        self.moments = input_moments(model) if self.bias_correction else {}
+        run.moments = input_moments(model) if self.bias_correction else {}
         self._fold(model)
         return model
 
@@ -252,12 +241,13 @@ class DataFreeQuantization(QuantizationMethod):
         for layer_name, bn_name in following_batch_norms(model, trace(model)).items():
             fold_batch_norm(model, layer_name, bn_name)
 
-    def adjust(self, model, plan, fp_weights, quantized):
+    def adjust(self, model, plan, fp_weights, quantized, run):
         if not self.bias_correction:
             return {}
         modules = dict(model.named_modules())
         for name, q in quantized.items():
             layer = modules[name]
-            shift = expected_output_shift(layer, q.dequantize() - fp_weights[name], self.moments[name])
+            shift = expected_output_shift(layer, q.dequantize() - fp_weights[name], run.moments[name])
             correct_bias(layer, shift)
+            run.folded_into(name, f"{name}.bias")
         return {}

@@ -61,7 +61,7 @@ from torch import nn
 
 from ..errors import DfmpcError
 from ..plan import plan_layers
-from ..quantizers import QuantizedTensor, quantize_weight
+from ..quantizers import QuantizedTensor, quantize_weight, uniform_grid_position
 from .base import QuantizationMethod
 
 __all__ = ["OutlierChannelSplitting", "SplitConv2d", "SplitLinear", "DEFAULT_EXPAND_RATIO", "added_channels",
@@ -135,9 +135,7 @@ def grid_codes(weight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Te
     """Uniform k-bit codes (Eq. 6) of ``weight`` on the grid of ``scale`` (one, or one per output channel) that
     another tensor set, clamped to 0 .. 2^k - 1: the same rounding as :func:`dfmpc.quantizers.uniform_quantize`."""
     n = 2**bits - 1
-    scale = scale.reshape(-1, *([1] * (weight.dim() - 1))) if scale.dim() else scale
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    codes = torch.round(n * (weight / (2 * safe) + 0.5)).clamp(0, n)
+    codes = torch.round(uniform_grid_position(weight, scale, bits)).clamp(0, n)
     return codes.to(torch.int16 if bits > 7 else torch.int8)
 
 
@@ -209,8 +207,6 @@ class OutlierChannelSplitting(QuantizationMethod):
     Grouped convolutions are not split."""
 
     name = "ocs"
-    description = ("OCS (Zhao et al. 2019): duplicate and halve the input channels holding the largest weights "
-                   f"(expansion ratio {DEFAULT_EXPAND_RATIO} unless set), then quantize")
 
     def __init__(self, bits="2/6", expand_ratio: float = DEFAULT_EXPAND_RATIO, quantization_aware: bool = True,
                  granularity: str = "channel", **kwargs):
@@ -221,7 +217,6 @@ class OutlierChannelSplitting(QuantizationMethod):
         if not isinstance(quantization_aware, bool):
             raise DfmpcError(f"quantization_aware must be True or False, got {quantization_aware!r}")
         self.expand_ratio, self.quantization_aware = float(expand_ratio), quantization_aware
-        self.splits = {}  # layer name -> (its weight before splitting, the columns split), for quantize_layer
 
     def settings(self) -> dict:
         out = {**super().settings(), "expand_ratio": self.expand_ratio, "quantization_aware": self.quantization_aware}
@@ -229,8 +224,8 @@ class OutlierChannelSplitting(QuantizationMethod):
             out["pairs"] = [[p.low, p.high, p.bn] if hasattr(p, "low") else list(p) for p in self.pairs]
         return out
 
-    def prepare(self, model, plan):
-        self.splits = self._split(model, plan)
+    def prepare(self, model, plan, run):
+        run.splits = self._split(model, plan)  # layer -> (its weight before splitting, the columns split)
         return model
 
     def rebuild(self, model):
@@ -240,19 +235,15 @@ class OutlierChannelSplitting(QuantizationMethod):
                                        require_pairs=self.needs_pairs))
         return model
 
-    def quantize_layer(self, name, weight, bits):
+    def quantize_layer(self, name, weight, bits, run):
         grid = quantize_weight(weight, bits, self.granularity)  # the scale: max |w| after the plain split
-        if bits == 2 or not self.quantization_aware or name not in self.splits:
+        if bits == 2 or not self.quantization_aware or name not in run.splits:
             return grid
-        original, columns = self.splits[name]
+        original, columns = run.splits[name]
         quarter_step = grid.scale / (2 * (2**bits - 1))  # levels are 2 scale / (2^k - 1) apart
         shifted, _ = split_columns(original, columns, quarter_step)
         return QuantizedTensor(codes=grid_codes(shifted, grid.scale, bits), scale=grid.scale, bits=bits,
                                granularity=self.granularity)
-
-    def adjust(self, model, plan, fp_weights, quantized):
-        self.splits = {}  # quantized: the weights kept for quantize_layer are not needed any more
-        return {}
 
     def size_model(self, model, qmodel):
         return qmodel  # the added channels are stored: count the expanded weights

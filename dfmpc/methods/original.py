@@ -10,4 +10,3 @@ __all__ = ["DirectQuantization"]
 
 class DirectQuantization(QuantizationMethod):
     name = "original"
-    description = "direct quantization with the paper's quantizers, no compensation (Tables 1-2, 'Original')"

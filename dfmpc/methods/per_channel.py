@@ -13,7 +13,6 @@ __all__ = ["PerChannelQuantization"]
 
 class PerChannelQuantization(QuantizationMethod):
     name = "per-channel"
-    description = "direct quantization with the paper's quantizers, one scale (and ternary threshold) per output channel"
 
     def __init__(self, bits="2/6", granularity: str = "channel", **kwargs):
         if granularity != "channel":

@@ -36,36 +36,41 @@ images (loss 1120 -> 35.4 after 100 steps, 34.4 after 200) and 0.8 s for Efficie
 up to 64 x 64, 8 above (a step's cost grows with the pixels). ``grid=32, fine=8``: the search grid of :mod:`.omse`.
 ``damping=0.01``: GPTQ's dampening of H (Frantar et al., ICLR 2023). ``input_size=None``: 32 for a CIFAR-style
 network (first convolution of stride 1, fewer than 1000 classes), else 224; pass the model's ``spec.input_size``.
-Distilled images are cached per model state and settings (the last CACHE_SIZE); a reused batch adds the seconds its
-distillation took to ``report.seconds``. ``progress`` shows the distillation's progress bar (stderr).
+Distilled images are kept in :data:`dfmpc.distill.DISTILLED_IMAGES`, keyed by what determines them; a reused batch
+adds the seconds its distillation took to ``report.seconds``. ``progress`` shows the distillation's progress bar (stderr).
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import time
-from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ..distill import batch_norms, bn_statistics_loss, check_count, default_input_size, distill_data, model_input_shape
+from ..clipping import mse_optimal_ternary
+from ..distill import (
+    DISTILLED_IMAGES,
+    batch_norms,
+    bn_statistics_loss,
+    check_count,
+    default_input_size,
+    distill_data,
+    model_input_shape,
+)
 from ..errors import DfmpcError
 from ..graph import BATCH_NORMS
+from ..numerics import check_bit_width
+from ..placement import correct_bias
 from ..propagation import following_batch_norms
-from ..quantizers import GRANULARITIES, MAX_BITS, QuantizedTensor, check_weight, quantize_weight
+from ..quantizers import GRANULARITIES, QuantizedTensor, check_weight, quantize_weight
 from .base import QuantizationMethod
-from .dfq import correct_bias
-from .omse import mse_optimal_ternary
 
 __all__ = ["ZeroQ", "BN_MODES", "InputGram", "collect_statistics", "output_error", "output_error_quantize",
            "clear_distilled_cache", "distill_data", "bn_statistics_loss", "default_input_size"]
 
 BN_MODES = ("relative", "plain", "off")
-CACHE_SIZE = 4
-_CACHE: OrderedDict = OrderedDict()  # key -> (distilled images, seconds the distillation took)
 _CHUNK = 2**24  # patch values computed at once by collect_statistics
 
 
@@ -191,9 +196,9 @@ def output_error_quantize(w: torch.Tensor, bits: int, granularity: str, gram: In
     """The candidate (module docstring, step 2) with the smallest :func:`output_error`, per output channel (or in
     sum, with granularity "tensor"). Ties keep the paper's quantizer, which is the first candidate."""
     check_weight(w)
-    if isinstance(bits, bool) or not isinstance(bits, int) or not (2 <= bits <= MAX_BITS) or granularity not in GRANULARITIES:
-        raise DfmpcError(f"bits must be an integer in [2, {MAX_BITS}] and granularity one of {GRANULARITIES}, got {bits!r}, "
-                         f"{granularity!r}")
+    check_bit_width(bits)
+    if granularity not in GRANULARITIES:
+        raise DfmpcError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     out = w.shape[0]
     weight = w.detach().double().reshape(out, -1)
     rows = weight.reshape(1, -1) if granularity == "tensor" else weight  # where codes and scales are chosen
@@ -254,25 +259,13 @@ def output_error_quantize(w: torch.Tensor, bits: int, granularity: str, gram: In
                            granularity=granularity)
 
 
-def _model_key(model: nn.Module) -> str:
-    digest = hashlib.sha256(type(model).__name__.encode())
-    for name, t in model.state_dict().items():
-        t = t.detach().cpu().contiguous()
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
-
-
 def clear_distilled_cache() -> None:
-    """Forget the distilled images kept for reuse."""
-    _CACHE.clear()
+    """Forget the distilled images kept for reuse (:data:`dfmpc.distill.DISTILLED_IMAGES`)."""
+    DISTILLED_IMAGES.clear()
 
 
 class ZeroQ(QuantizationMethod):
     name = "zeroq"
-    uses_synthetic_data = True
-    description = ("ZeroQ (Cai et al. 2020): synthetic data distilled from the BN statistics calibrates clipping, "
-                   "bias correction and BN re-estimation")
 
     def __init__(self, bits="2/6", granularity: str = "channel", input_size: int | None = None, images: int | None = None,
                  steps: int = 100, lr: float = 0.5, seed: int = 0, clipping: bool = True, bias_correction: bool = True,
@@ -299,54 +292,44 @@ class ZeroQ(QuantizationMethod):
         self.clipping, self.bias_correction = bool(clipping), bool(bias_correction)
         self.bn_reestimation = bn_reestimation
         self.damping, self.grid, self.fine, self.progress = float(damping), grid, fine, bool(progress)
-        self._state: dict = {}
 
     def settings(self) -> dict:
         return {**super().settings(), "input_size": self.input_size, "images": self.images, "steps": self.steps,
                 "lr": self.lr, "seed": self.seed, "clipping": self.clipping, "bias_correction": self.bias_correction,
                 "bn_reestimation": self.bn_reestimation, "damping": self.damping, "grid": self.grid, "fine": self.fine}
 
-    def apply(self, model):
-        qmodel, report = super().apply(model)
-        report.seconds += self._state.pop("reused_seconds", 0.0)  # a reused distillation still counts
-        self._state = {}
-        return qmodel, report
-
     def distilled(self, model: nn.Module) -> tuple[torch.Tensor, float, bool]:
         """The distilled images for ``model`` with these settings, the seconds their distillation took, and whether
-        they came from the cache (keyed by a hash of the model's state and the settings; the last CACHE_SIZE kept)."""
+        they came from :data:`dfmpc.distill.DISTILLED_IMAGES`."""
         shape = model_input_shape(model, self.input_size)
         images = self.images or (32 if len(shape) == 1 or shape[1] * shape[2] <= 64 * 64 else 8)
-        key = (_model_key(model), shape, images, self.steps, self.lr, self.seed, torch.get_num_threads())
-        if key in _CACHE:
-            _CACHE.move_to_end(key)
-            x, seconds = _CACHE[key]
-            return x.clone(), seconds, True
+        key = DISTILLED_IMAGES.key(model, shape, images, self.steps, self.lr, self.seed)
+        found = DISTILLED_IMAGES.get(key)
+        if found is not None:
+            return found[0], found[1], True
         start = time.perf_counter()
         x = distill_data(model, shape, images, self.steps, self.lr, self.seed, self.progress)
         seconds = time.perf_counter() - start
-        _CACHE[key] = (x.clone(), seconds)
-        while len(_CACHE) > CACHE_SIZE:
-            _CACHE.popitem(last=False)
+        DISTILLED_IMAGES.put(key, x, seconds)
         return x, seconds, False
 
-    def prepare(self, model, plan):
+    def prepare(self, model, plan, run):
         batch_norms(model)
-        x, seconds, cached = self.distilled(model)
+        run.x, seconds, cached = self.distilled(model)
+        run.reused_seconds += seconds if cached else 0.0  # a reused distillation still counts
         names = [a.name for a in plan.layers if a.bits < 32]
-        grams, means, moments = collect_statistics(model, names, x, grams=self.clipping, means=self.bias_correction,
-                                                   bn_inputs=self.bn_reestimation == "relative")
-        self._state = {"x": x, "grams": grams, "means": means, "moments": moments,
-                       "reused_seconds": seconds if cached else 0.0}
+        run.grams, run.means, run.moments = collect_statistics(
+            model, names, run.x, grams=self.clipping, means=self.bias_correction,
+            bn_inputs=self.bn_reestimation == "relative")
 
-    def quantize_layer(self, name, weight, bits):
-        gram = self._state.get("grams", {}).pop(name, None)
+    def quantize_layer(self, name, weight, bits, run):
+        gram = run.grams.pop(name, None)
         if gram is None:  # clipping off, or a layer the forward pass never reached
             return quantize_weight(weight, bits, self.granularity)
         gram.damping = self.damping
         return output_error_quantize(weight, bits, self.granularity, gram, self.grid, self.fine)
 
-    def adjust(self, model, plan, fp_weights, quantized):
+    def adjust(self, model, plan, fp_weights, quantized, run):
         """Bias correction and BN re-estimation in one pass over the distilled images (module docstring, 3-4)."""
         reestimate = self.bn_reestimation != "off"
         if not (self.bias_correction or reestimate):
@@ -358,7 +341,7 @@ class ZeroQ(QuantizationMethod):
                 skip = set(following_batch_norms(model))
             except DfmpcError:  # an untraceable model: correct every layer (redundant where a BN follows, harmless)
                 skip = set()
-        means, moments = self._state["means"] if self.bias_correction else {}, self._state["moments"]
+        means, moments = run.means if self.bias_correction else {}, run.moments
         done, handles = set(), []
 
         def correct(layer, inputs, output, name):
@@ -366,6 +349,7 @@ class ZeroQ(QuantizationMethod):
                 return None
             done.add(name)
             correct_bias(layer, _output_mean(layer, output) - means[name])
+            run.folded_into(name, f"{name}.bias")
             return layer.forward(*inputs)  # the output with the corrected bias, for the layers after it
 
         def set_statistics(bn, inputs, name):
@@ -391,7 +375,7 @@ class ZeroQ(QuantizationMethod):
         was_training = model.training
         try:
             model.eval()
-            model(self._state["x"])
+            model(run.x)
         finally:
             model.train(was_training)
             for h in handles:

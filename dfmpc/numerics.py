@@ -1,0 +1,36 @@
+"""The small numerical helpers every quantizer and method shares (one definition each, below all of them).
+
+* :func:`per_row`: a scalar or a per-output-channel vector shaped to broadcast over a weight;
+* :func:`positive_or_one` and :func:`divide_where_positive`: division guarded where the divisor is zero (an
+  all-zero channel, a zero scale), with the fallback said at the call;
+* :func:`check_bit_width`: one integer bit width within the library's range, or one line saying what is allowed.
+"""
+from __future__ import annotations
+
+import torch
+
+from .bits import MAX_BITS, MIN_BITS
+from .errors import DfmpcError
+
+__all__ = ["per_row", "positive_or_one", "divide_where_positive", "check_bit_width"]
+
+
+def per_row(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """A scalar or a (C,) vector shaped to broadcast over a weight of ``dim`` dims (C = output channels)."""
+    return values if values.dim() == 0 else values.reshape(-1, *([1] * (dim - 1)))
+
+
+def positive_or_one(x: torch.Tensor) -> torch.Tensor:
+    """``x`` where it is positive, 1 elsewhere: a divisor that never divides by zero."""
+    return torch.where(x > 0, x, torch.ones_like(x))
+
+
+def divide_where_positive(num: torch.Tensor, den: torch.Tensor, otherwise) -> torch.Tensor:
+    """``num / den`` where ``den > 0``, ``otherwise`` (a tensor or a number) where it is not."""
+    return torch.where(den > 0, num / positive_or_one(den), otherwise)
+
+
+def check_bit_width(bits, low: int = MIN_BITS, what: str = "bits") -> None:
+    """``bits`` is an integer from ``low`` to :data:`~dfmpc.bits.MAX_BITS`; else a :class:`DfmpcError`."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not (low <= bits <= MAX_BITS):
+        raise DfmpcError(f"{what} must be an integer in [{low}, {MAX_BITS}], got {bits!r}")
