@@ -469,3 +469,11 @@ def test_readme_coverage_sentence_quotes_the_books_coverage():
             "random-weight models") in readme
     assert (f"at 3/6 it is the most faithful on {count('3/6', max, 'dfmpc+')} and OMSE on "
             f"{count('3/6', max, 'omse')}.") in readme
+
+
+def test_standard_error_is_the_binomial_formula():
+    """sqrt(p (1 - p) / n) in points: 50 % on 100 images is 5 points, 10 % on 10,000 is 0.3 (without the root: 0.25,
+    0.0009)."""
+    assert compare.standard_error(50.0, 100) == pytest.approx(5.0)
+    assert compare.standard_error(10.0, 10_000) == pytest.approx(0.3)
+    assert compare.standard_error(None, 10) is None and compare.standard_error(50.0, 0) is None
