@@ -32,7 +32,9 @@ def setup(seed: int = 0) -> str:
 
     Finds the offline data folder (``$DFMPC_SHARED``, else ``../shared`` beside the repository) and writes its
     absolute path into ``$DFMPC_SHARED``, so that a ``dfmpc`` command the chapter starts reads the same folder
-    whatever its working directory; without one, data sets and weights are downloaded. Seeds torch.
+    whatever its working directory; without one, data sets and weights are downloaded. Seeds torch. In a
+    kernel, every figure the chapter displays is checked for overlapping text and a legend over its data
+    (:func:`dfmpc.experiments.figures.install_figure_check`).
     """
     import torch
 
@@ -42,6 +44,9 @@ def setup(seed: int = 0) -> str:
     if shared is not None:
         os.environ["DFMPC_SHARED"] = str(shared)
     torch.manual_seed(seed)
+    from .figures import install_figure_check
+
+    install_figure_check()
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
