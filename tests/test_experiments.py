@@ -477,3 +477,13 @@ def test_standard_error_is_the_binomial_formula():
     assert compare.standard_error(50.0, 100) == pytest.approx(5.0)
     assert compare.standard_error(10.0, 10_000) == pytest.approx(0.3)
     assert compare.standard_error(None, 10) is None and compare.standard_error(50.0, 0) is None
+
+
+def test_relative_paths_name_files_from_the_data_folder(tmp_path):
+    from dfmpc.experiments.provenance import relative_paths
+
+    shared = tmp_path / "shared"
+    obj = {"path": str(shared / "data" / "cifar10"), "list": [f"{shared}/w.th", "random"], "n": 3,
+           "weights": "/opt/venv/lib/python3.11/site-packages/pkg/models/w.pth"}
+    assert relative_paths(obj, shared) == {"path": "$DFMPC_SHARED/data/cifar10", "list": ["$DFMPC_SHARED/w.th", "random"],
+                                           "n": 3, "weights": "site-packages/pkg/models/w.pth"}

@@ -35,3 +35,12 @@ def test_a_legend_over_data_is_reported():
 
 def test_a_clean_figure_passes():
     assert figure_problems(clean()) == []
+
+
+def test_turned_tick_labels_that_only_share_their_bounding_boxes_pass():
+    fig, ax = plt.subplots(figsize=(4, 3), layout="constrained")
+    ax.bar(range(8), range(8))
+    ax.set_xticks(range(8), [f"method {i} 2/6" for i in range(8)], rotation=40, ha="right")
+    assert figure_problems(fig) == []
+    ax.set_xticks(range(8), [f"a much longer method name {i} 2/6" for i in range(8)], rotation=10, ha="right")
+    assert any("x tick" in p for p in figure_problems(fig))

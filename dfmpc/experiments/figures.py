@@ -22,8 +22,9 @@ def _texts(fig):
     found = []
     for text in fig.texts:
         found.append(("figure text", text))
-    if getattr(fig, "_suptitle", None) is not None:
-        found.append(("suptitle", fig._suptitle))
+    for text in (getattr(fig, "_suptitle", None), getattr(fig, "_supxlabel", None), getattr(fig, "_supylabel", None)):
+        if text is not None and text not in fig.texts:
+            found.append(("figure text", text))
     for i, ax in enumerate(fig.axes):
         if not ax.get_visible():
             continue
@@ -52,6 +53,43 @@ def _overlap(a, b) -> bool:
     return w > _MIN_OVERLAP_PX and h > _MIN_OVERLAP_PX
 
 
+def _corners(text, box, renderer):
+    """The four corners of the rectangle a text's glyphs fill, in display coordinates: its bounding box for
+    upright or quarter-turned text; for text at another angle, its unrotated extent turned about the
+    bounding box's centre (which the turn keeps)."""
+    import numpy as np
+
+    angle = text.get_rotation() % 90
+    if angle == 0:
+        return np.array([[box.x0, box.y0], [box.x1, box.y0], [box.x1, box.y1], [box.x0, box.y1]])
+    rotation = text.get_rotation()
+    text.set_rotation(0)
+    flat = text.get_window_extent(renderer)
+    text.set_rotation(rotation)
+    a = np.deg2rad(rotation)
+    turn = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+    half = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]]) * [flat.width / 2, flat.height / 2]
+    return half @ turn.T + [(box.x0 + box.x1) / 2, (box.y0 + box.y1) / 2]
+
+
+def _quads_overlap(p, q) -> bool:
+    """Two convex quadrilaterals overlap by more than _MIN_OVERLAP_PX (separating axis theorem)."""
+    import numpy as np
+
+    for poly in (p, q):
+        for i in range(4):
+            edge = poly[(i + 1) % 4] - poly[i]
+            axis = np.array([-edge[1], edge[0]])
+            norm = np.hypot(*axis)
+            if norm == 0:
+                continue
+            axis /= norm
+            a, b = p @ axis, q @ axis
+            if min(a.max(), b.max()) - max(a.min(), b.min()) <= _MIN_OVERLAP_PX:
+                return False
+    return True
+
+
 def _inside_points(points, box) -> bool:
     import numpy as np
 
@@ -74,9 +112,15 @@ def _line_points(line):
 
 
 def _covered(ax, box, renderer) -> list[str]:
-    """What of the axes' data the box covers: lines, markers, bars and filled areas."""
+    """What of the axes' data the box covers: lines, markers, bars and filled areas, where they are drawn
+    (data clipped to the axes, e.g. a bar from 0 on a log scale, counts only inside the axes)."""
     import numpy as np
+    from matplotlib.transforms import Bbox
 
+    inside = Bbox.intersection(box, ax.bbox)  # data is clipped to the axes
+    if inside is None:
+        return []
+    box = inside
     covered = []
     for line in ax.lines:
         if line.get_visible() and len(line.get_xydata()) and _inside_points(_line_points(line), box):
@@ -107,10 +151,11 @@ def figure_problems(fig) -> list[str]:
     fig.canvas.draw()  # lays out every text (and tight or constrained layouts) as the saved image will
     renderer = fig.canvas.get_renderer()
     texts = [(label, t, t.get_window_extent(renderer)) for label, t in _texts(fig)]
+    quads = [_corners(t, b, renderer) for _, t, b in texts]
     problems = []
     for i, (la, ta, ba) in enumerate(texts):
-        for lb, tb, bb in texts[i + 1:]:
-            if _overlap(ba, bb):
+        for j, (lb, tb, bb) in enumerate(texts[i + 1:], start=i + 1):
+            if _overlap(ba, bb) and _quads_overlap(quads[i], quads[j]):
                 problems.append(f"text overlaps: {la} {ta.get_text()!r} and {lb} {tb.get_text()!r}")
     legends = [(f"axes {i + 1}", ax.get_legend(), [ax]) for i, ax in enumerate(fig.axes) if ax.get_legend()]
     legends += [("figure", leg, list(fig.axes)) for leg in fig.legends]
@@ -139,7 +184,12 @@ def install_figure_check() -> bool:
     shell = get_ipython()
     if shell is None:
         return False
-    import matplotlib.pyplot  # noqa: F401  (in a kernel this sets up the inline backend and its PNG printer, once)
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    # load the kernel's backend now (pyplot loads it on the first figure): matplotlib_inline registers its PNG
+    # printer then, once, and would replace a printer registered before it
+    plt.switch_backend(matplotlib.get_backend())
 
     formatter = shell.display_formatter.formatters["image/png"]
     previous = formatter.type_printers.get(Figure)
