@@ -53,14 +53,37 @@ def test_the_readme_main_command_quotes_its_committed_result():
     """The main command's figures and the saved file's size are those of book/data/main_command.json, which is
     the README's command run with --json (and --save), and they are the comparison's figures for ResNet-56."""
     main = json.loads((ROOT / "book" / "data" / "main_command.json").read_text())
-    command = re.search(r"\.venv/bin/dfmpc quantize ([^\n`]*)", (ROOT / "README.md").read_text()).group(1).strip()
-    assert main["command"] == f"dfmpc quantize {command} --save q.dfmpc --json main_command.json"
-    top1 = {r["method"]: r["top1"] for r in main["results"]}
+    args = re.search(r"\.venv/bin/dfmpc quantize ([^\n`]*)", (ROOT / "README.md").read_text()).group(1).strip()
+    assert main["command"].startswith(f"dfmpc quantize {args} ") and "--save q.dfmpc" in main["command"]
+    rows = {r["method"]: r for r in main["results"]}
     model = main["model"]
     assert main["data"]["split"] == "test" and same_images(main["data"], model)
-    quoted = (f"full precision {main['fp32']['top1']:.2f} %" if "fp32" in main else None)
-    assert quoted is None or quoted in README
+    assert f"full precision {rows['fp32']['top1']:.2f} %" in README
+    assert rows["fp32"]["top1"] == compare_entry(model)["fp32"]["top1"]
     for method in ("original", "dfmpc", "dfmpc+"):
-        assert f"`{method}` {top1[method]:.2f} %" in README, method
-        assert top1[method] == pytest.approx(compare.figure(COMPARE, model, "2/6", method), abs=1e-9), method
-    assert f"{main['saved']['bytes']:,} bytes" in README
+        assert f"`{method}` {rows[method]['top1']:.2f} %" in README, method
+        assert rows[method]["top1"] == pytest.approx(compare.figure(COMPARE, model, "2/6", method), abs=1e-9), method
+    saved = main["saved"]
+    assert saved["method"] == "dfmpc+" and saved["bits"] == "2/6"
+    assert (f"that is {saved['bytes']:,} bytes ({saved['bytes'] / 2**20:.2f} MB), against "
+            f"{rows['dfmpc+']['size_mb']:.2f} MB in the report") in README
+    assert f"and {rows['fp32']['size_mb']:.2f} MB in full precision" in README
+
+
+def test_the_readme_verdict_quotes_the_comparison():
+    """The figures of the README's verdict under the table, each computed from book/data/compare.json."""
+    r20, r56 = "resnet20_cifar10_a", "resnet56_cifar10_a"
+    models = {e["model"]: e for e in COMPARE["results"]["models"]}
+    se = [compare.standard_error(50.0, models[m]["images"]) for m in (r20, "efficientnet_lite0")]
+    assert f"standard error at most {se[0]:.2f} points; 650 ImageNet-subset images, at most {se[1]:.2f} points" in README
+    gaps = {b: compare.figure(COMPARE, r56, b, "squant") - compare.figure(COMPARE, r56, b) for b in ("3/6", "4/6")}
+    assert round(gaps["3/6"], 2) == round(gaps["4/6"], 2)
+    assert f"SQuant is {gaps['3/6']:.2f} points ahead of it at 3/6 and 4/6 (within one standard error)" in README
+    assert gaps["3/6"] < compare.standard_error(compare.figure(COMPARE, r56, "3/6"), models[r56]["images"])
+    resnet_rows = [r for r in COMPARE["results"]["rows"] if r["model"] in (r20, r56)]
+    zeroq = [r["quantize_seconds"] for r in resnet_rows if r["method"] == "zeroq"]
+    plus = [r["quantize_seconds"] for r in resnet_rows if r["method"] == "dfmpc+"]
+    assert f"taking {min(zeroq):.0f}-{max(zeroq):.0f} s per ResNet" in README
+    assert f"against {min(plus):.1f}-{max(plus):.1f} s for `dfmpc+`" in README
+    share = {m: 100 * compare.figure(COMPARE, m, "2/6") / models[m]["fp32"]["top1"] for m in (r20, r56)}
+    assert f"`dfmpc+` keeps {share[r20]:.1f} % (ResNet-20) and {share[r56]:.1f} % (ResNet-56) of full precision" in README
