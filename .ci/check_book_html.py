@@ -24,7 +24,8 @@ resolve, so a page that needs a CDN shows it. A page fails when
     a printed table (columns aligned by spaces) only fits by wrapping: it should be a rendered table,
   * a figure is shown at less than 90 % of its drawn size (its text shrinks below 9 pt),
   * the browser console logs an error, or a file of the book answers with HTTP status >= 400.
-A screenshot of every page, 1280 px wide and as long as the page, goes to _build/screenshots/.
+A screenshot of every page, 1280 px wide and as long as the page (in parts of 16,000 px), goes to
+_build/screenshots/.
 
 ``--self-test`` first copies the build and injects each defect of :func:`self_test_defects` into its own
 copy of the root page (an invalid formula, an undefined macro, raw ``$c_j$`` in the text and in an output,
@@ -345,13 +346,23 @@ def console_errors(driver: webdriver.Chrome) -> list[str]:
             if e["level"] == "SEVERE" and not any(n in e["message"] for n in CONSOLE_NOISE)]
 
 
+SHOT_HEIGHT = 16000  # the most one screenshot holds (Chromium's limit is about 16,384 px)
+
+
 def screenshot(driver: webdriver.Chrome, path: Path) -> None:
-    """The whole page at 1280 px wide (at most 16,000 px long), as a reader scrolls through it: the window is
-    made as tall as the page for the shot (the DevTools "beyond the viewport" capture shifted some pages)."""
-    height = min(int(driver.execute_script("return document.documentElement.scrollHeight")), 16000)
-    driver.set_window_size(1280, height + 140)  # + the window's own frame in headless mode
+    """The whole page at 1280 px wide, as a reader scrolls through it: the window is made as tall as the page for
+    the shot (the DevTools "beyond the viewport" capture shifted some pages); a page longer than 16,000 px is
+    shot in parts, ``NAME.png``, ``NAME-2.png``, ... (each part starts where the previous one ends)."""
+    height = int(driver.execute_script("return document.documentElement.scrollHeight"))
     path.parent.mkdir(parents=True, exist_ok=True)
-    driver.save_screenshot(str(path))
+    for stale in path.parent.glob(f"{path.stem}-*.png"):
+        stale.unlink()
+    for part, top in enumerate(range(0, height, SHOT_HEIGHT), start=1):
+        window = min(SHOT_HEIGHT, height - top)
+        driver.set_window_size(1280, window + 140)  # + the window's own frame in headless mode
+        driver.execute_script("window.scrollTo(0, arguments[0])", top)
+        driver.save_screenshot(str(path if part == 1 else path.with_name(f"{path.stem}-{part}.png")))
+    driver.execute_script("window.scrollTo(0, 0)")
     driver.set_window_size(1280, 1000)
 
 

@@ -114,7 +114,9 @@ def describe(result: dict) -> str:
     """A stable one-line summary of how a result was produced (no paths, no dates: the same on every build)."""
     images = result.get("images_override")
     extra = "" if images is None else f" --images {images}"
-    return (f"dfmpc experiments {result['experiment']} --{result['preset']}{extra} (seed {result['seed']}; "
+    # --book: the book's preset with the experiment's own book settings (e.g. every image of the test half)
+    how = "--book" if " --book" in result.get("command", "") else f"--{result['preset']}"
+    return (f"dfmpc experiments {result['experiment']} {how}{extra} (seed {result['seed']}; "
             f"committed in book/data/{result['experiment']}.json)")
 
 
