@@ -209,7 +209,7 @@ def test_run_experiments_writes_one_json_per_experiment(tmp_path, shared):
     assert t1["command"] == "dfmpc experiments table1 fig4 fig3 --images 8"
     (data,) = [d for d in t1["data"] if d["dataset"] == "cifar10"]
     assert data["jpeg"] and data["offline_copy"] and not data["comparable_to_paper"]
-    assert data["images"] == 8 and data["available"] == 10000 and data["limit"] == 8
+    assert data["images"] == 8 and data["available"] == 5000 and data["limit"] == 8 and data["split"] == "test"
     assert data["path"].endswith("cifar10/test_jpeg")
     rows = {r["model"] or r["paper_model"]: r for r in t1["results"]["rows"]}
     assert rows["ResNet18"]["status"] == rows["VGG16"]["status"] == "not measured" and rows["VGG16"]["reason"]
