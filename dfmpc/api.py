@@ -16,7 +16,7 @@ def quantize(model: nn.Module, bits="2/6", method: str = "dfmpc", **settings):
         model: any ``nn.Module`` that ``torch.fx`` can trace (or pass ``pairs=``). Not modified
             unless ``inplace=True``.
         bits: ``"LOW/HIGH"`` (e.g. ``"2/6"``; 2 means ternary), with 2 <= LOW <= HIGH <= 8.
-        method: a name from :data:`dfmpc.methods.METHODS` (``"dfmpc"``, ``"original"``, ...).
+        method: a name from :data:`dfmpc.METHODS` (``"dfmpc"``, ``"original"``, ...).
         **settings: the method's settings, e.g. ``lambda1=0.5, lambda2=0.0`` for DF-MPC, and for all
             methods ``granularity`` ("tensor" | "channel"), ``unpaired`` ("high" | "low" | "fp32"),
             ``keep_fp32`` (layer names, "first", "last"), ``pairs``, ``inplace``.

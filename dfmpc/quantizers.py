@@ -95,8 +95,8 @@ def _reduce_abs(w: torch.Tensor, granularity: str, op: str) -> torch.Tensor:
 def ternary_quantize(w: torch.Tensor, granularity: str = "tensor", threshold_factor: float = 0.7) -> QuantizedTensor:
     """Ternary weights, paper Eq. (3)-(4) (Ternary Weight Networks, Li et al. 2016).
 
-    Codes: +1 where w > Delta, -1 where w < -Delta, 0 otherwise, with Delta = 0.7 * E|w| (Eq. 4).
-    Scale: alpha = mean of |w| over the entries with |w| > Delta (Eq. 4). A tensor (or channel)
+    Codes: +1 where ``w > Delta``, -1 where ``w < -Delta``, 0 otherwise, with ``Delta = 0.7 * E|w|`` (Eq. 4).
+    Scale: ``alpha`` = mean of ``|w|`` over the entries with ``|w| > Delta`` (Eq. 4). A tensor (or channel)
     where no entry exceeds Delta, e.g. an all-zero channel, gets alpha = 0 and all-zero codes.
     """
     check_weight(w)
@@ -127,8 +127,8 @@ def uniform_grid_position(w: torch.Tensor, scale: torch.Tensor, bits: int) -> to
 def uniform_quantize(w: torch.Tensor, bits: int, granularity: str = "tensor") -> QuantizedTensor:
     """Uniform k-bit weights, paper Eq. (6) (DoReFa-Net, Zhou et al. 2016).
 
-    Q_k(w) = 2 / (2^k - 1) * round[(2^k - 1) * (w / (2 max|w|) + 1/2)] - 1, i.e. 2^k evenly spaced
-    levels in [-1, 1] (there is no exact zero level), scaled back by max|w|. The code is the
+    ``Q_k(w) = 2 / (2^k - 1) * round[(2^k - 1) * (w / (2 max|w|) + 1/2)] - 1``, i.e. 2^k evenly spaced
+    levels in [-1, 1] (there is no exact zero level), scaled back by ``max|w|``. The code is the
     integer inside the round, in {0, ..., 2^k - 1}. An all-zero tensor or channel has scale 0.
     """
     check_weight(w)

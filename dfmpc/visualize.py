@@ -64,7 +64,7 @@ def _label(gm, node) -> str:
         if isinstance(mod, nn.Conv2d):
             k = "x".join(str(s) for s in mod.kernel_size)
             dw = " dw" if mod.groups > 1 and mod.groups == mod.in_channels else ""
-            return f"conv {k}{dw}\n{mod.in_channels}\u2192{mod.out_channels}"
+            return f"{'dw' if dw else 'conv'} {k}\n{mod.in_channels}\u2192{mod.out_channels}"
         if isinstance(mod, nn.Linear):
             return f"fc\n{mod.in_features}\u2192{mod.out_features}"
         if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
@@ -83,8 +83,9 @@ def draw_block(block: nn.Module, plan: MixedPrecisionPlan | None = None, prefix:
     ``prefix`` is the block's name in the model the plan was made for (e.g. ``"layer1.0"``), so that
     its layers can be looked up in the plan. The longest path from input to output is drawn on one
     row; side branches (shortcut convolutions) on a row below; an edge that skips nodes on the main
-    row is drawn above it. ``span``: width of the drawing in boxes (default: the block's own), so that
-    several blocks drawn with the same ``span`` have boxes of the same size. Returns the axes.
+    row is drawn above it. ``span``: width of the drawing in plain boxes (a weight layer's box is 1.5 of them;
+    default: the block's own), so that several blocks drawn with the same ``span`` have boxes of the same size.
+    Returns the axes.
     """
     import matplotlib.pyplot as plt
     from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
@@ -108,14 +109,24 @@ def draw_block(block: nn.Module, plan: MixedPrecisionPlan | None = None, prefix:
         main.append(n)
         n = parent[n]
     main = main[::-1]
-    pos = {n: (i, 0.0) for i, n in enumerate(main)}
+    def width(n):  # weight layers get wider boxes: their labels are longer
+        weighted = n.op == "call_module" and isinstance(gm.get_submodule(n.target), (nn.Conv2d, nn.Linear))
+        return 1.35 if weighted else 0.9
+
+    column = {n: i for i, n in enumerate(main)}
     for n in nodes:
-        if n not in pos:
-            x = max((pos[p][0] for p in n.all_input_nodes if p in pos), default=0) + 1
-            pos[n] = (x, -1.1)
-    w, h = 0.88, 0.62
+        if n not in column:
+            column[n] = max((column[p] for p in n.all_input_nodes if p in column), default=0) + 1
+    centre, x = [], 0.0  # the centre of each column of the main row
+    for n in main:
+        centre.append(x + width(n) / 2)
+        x += width(n)
+    centre += [x + 0.45 + 0.9 * i for i in range(len(nodes))]  # side nodes beyond the main row (not expected)
+    pos = {n: (centre[column[n]], 0.0 if n in main else -1.15) for n in nodes}
+    h = 0.75
     for n in nodes:
         x, y = pos[n]
+        w = 0.94 * width(n)
         role = roles.get(full(n)) if n.op == "call_module" else None
         face = ROLE_COLORS.get(role, "white")
         text_color = "white" if role in ("low", "high", "fp32") else "black"
@@ -128,19 +139,20 @@ def draw_block(block: nn.Module, plan: MixedPrecisionPlan | None = None, prefix:
     for n in nodes:
         for p in n.all_input_nodes:
             (x0, y0), (x1, y1) = pos[p], pos[n]
-            if y0 == y1 and x1 - x0 > 1:  # a skip over the main row: up, across, down
+            w0, w1 = 0.94 * width(p), 0.94 * width(n)
+            if y0 == y1 and column[n] - column[p] > 1:  # a skip over the main row: up, across, down
                 top = y0 + h / 2 + 0.35
                 ax.plot([x0, x0, x1], [y0 + h / 2, top, top], color="#444444", linewidth=0.8)
                 ax.add_patch(FancyArrowPatch((x1, top), (x1, y1 + h / 2), **arrow))
             elif y0 == y1:
-                ax.add_patch(FancyArrowPatch((x0 + w / 2, y0), (x1 - w / 2, y1), **arrow))
+                ax.add_patch(FancyArrowPatch((x0 + w0 / 2, y0), (x1 - w1 / 2, y1), **arrow))
             elif y1 < y0:  # main row -> side branch: bottom of p to the left side of n
-                ax.add_patch(FancyArrowPatch((x0, y0 - h / 2), (x1 - w / 2, y1), **arrow))
+                ax.add_patch(FancyArrowPatch((x0, y0 - h / 2), (x1 - w1 / 2, y1), **arrow))
             else:  # side branch -> main row: right side of p to the bottom of n
-                ax.add_patch(FancyArrowPatch((x0 + w / 2, y0), (x1, y1 - h / 2), **arrow))
-    xs = [p[0] for p in pos.values()]
-    ax.set_xlim(-0.6, (span if span is not None else max(xs) + 1) - 0.4)
-    ax.set_ylim(-1.5, 0.9)
+                ax.add_patch(FancyArrowPatch((x0 + w0 / 2, y0), (x1, y1 - h / 2), **arrow))
+    right = max(x + 0.94 * width(n) / 2 for n, (x, _) in pos.items())
+    ax.set_xlim(-0.1, max(span if span is not None else 0, right + 0.1))
+    ax.set_ylim(-1.6, 0.95)
     ax.axis("off")
     if title:
         ax.set_title(title, fontsize=9, loc="left")

@@ -102,3 +102,62 @@ def test_the_introductions_headline_numbers_are_measured_and_quoted_right():
     best = max(data_free, key=lambda m: top1[(m, "2/6")])
     assert f"(best: {best.upper() if best == 'dfq' else best}, {top1[(best, '2/6')]:.2f} %)" in intro
     assert f"synthetic images reaches {top1[('zeroq', '2/6')]:.2f} %" in intro
+
+
+def test_the_readme_links_the_published_book_and_its_api_reference():
+    """The Pages address is derived from the one repository URL of _config.yml (book.yml deploys there)."""
+    from dfmpc.experiments.book import pages_url, repository_url
+
+    assert repository_url() == "https://github.com/dfmpc/dfmpc" and pages_url() == "https://dfmpc.github.io/dfmpc/"
+    readme = (ROOT / "README.md").read_text()
+    assert f"<{pages_url()}>" in readme and f"{pages_url()}book/api.html" in readme
+    assert "upload-pages-artifact" in (ROOT / ".github" / "workflows" / "book.yml").read_text()
+
+
+def test_colab_links_have_no_dot_segment():
+    """sphinx-book-theme puts path_to_book between the branch and the notebook: "." gave .../blob/main/./notebooks."""
+    import yaml
+
+    repository = yaml.safe_load((ROOT / "_config.yml").read_text())["repository"]
+    assert repository.get("path_to_book", "").strip("/") in ("", None), repository
+
+
+def test_the_api_reference_documents_every_public_name():
+    import dfmpc
+
+    page = (ROOT / "book" / "api.md").read_text()
+    for name in dfmpc.__all__:
+        entry = re.search(rf"^\.\. (auto\w+|py:data):: {name}$", page, re.M)
+        assert entry, f"{name} has no entry in book/api.md"
+        if entry.group(1) != "py:data":  # data has no docstring of its own: its entry is written by hand
+            assert re.search(rf"^   {name}$", page, re.M), f"{name} is missing from the summary of book/api.md"
+    assert "file: book/api" in (ROOT / "_toc.yml").read_text()
+    assert "(../book/api.md)" in (ROOT / "notebooks" / "usage.md").read_text(), "the usage chapter links the API reference"
+
+
+def test_the_comparison_chapter_quotes_its_own_run_time():
+    from dfmpc.experiments import load_result
+
+    minutes = round(load_result("compare")["wall_s"] / 60)
+    text = " ".join((ROOT / "notebooks" / "comparison.md").read_text().split())
+    assert f"on a 2-core CPU ({minutes} minutes;" in text, f"book/data/compare.json took {minutes} minutes"
+
+
+def test_no_committed_result_names_a_path_of_the_machine_that_made_it():
+    """Weights and data are named relative to the offline data folder ($DFMPC_SHARED/...) or to site-packages."""
+    import json
+
+    def strings(o):
+        if isinstance(o, dict):
+            for v in o.values():
+                yield from strings(v)
+        elif isinstance(o, list):
+            for v in o:
+                yield from strings(v)
+        elif isinstance(o, str):
+            yield o
+
+    for path in sorted((ROOT / "book" / "data").glob("*.json")):
+        absolute = [s for s in strings(json.loads(path.read_text())) if re.match(r"/\w", s) or " /home/" in s
+                    or " /work/" in s]
+        assert not absolute, f"{path.name}: {absolute[:3]}"

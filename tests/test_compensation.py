@@ -26,6 +26,16 @@ def random_bn(n, gen):
                           weight=torch.randn(n, generator=gen), bias=torch.randn(n, generator=gen), eps=1e-5)
 
 
+def test_relative_shift_sq_by_hand():
+    """t_j = b_bar_j^2 / (mu_j^2 + sigma_j^2 + eps): mu = 2, sigma^2 = 5, gamma = 1, beta = sqrt(5), eps = 0 give
+    s = 1/sqrt(5), b_bar = beta / s - mu = 3 and t = 9 / (4 + 5) = 1 (9/5 without mu^2, 9/4 without sigma^2).
+    The solver and the objective both read t from here, so only a value computed by hand catches a wrong t."""
+    bn = BatchNormStats(mean=torch.tensor([2.0, -1.0]), var=torch.tensor([5.0, 3.0]), weight=torch.tensor([1.0, 2.0]),
+                        bias=torch.tensor([5**0.5, 0.0]), eps=0.0)
+    # channel 2: s = 2/sqrt(3), b_bar = 0 - (-1) = 1, t = 1 / (1 + 3)
+    assert torch.allclose(bn.relative_shift_sq().double(), torch.tensor([1.0, 0.25], dtype=torch.float64), atol=1e-6)
+
+
 def brute_force_argmin(objective, n, lo=0.0, hi=4.0, steps=40001):
     """Evaluate J_j on a dense grid, then refine around the best point; independent of the closed form."""
     grid = torch.linspace(lo, hi, steps, dtype=torch.float64)

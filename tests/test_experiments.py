@@ -209,7 +209,7 @@ def test_run_experiments_writes_one_json_per_experiment(tmp_path, shared):
     assert t1["command"] == "dfmpc experiments table1 fig4 fig3 --images 8"
     (data,) = [d for d in t1["data"] if d["dataset"] == "cifar10"]
     assert data["jpeg"] and data["offline_copy"] and not data["comparable_to_paper"]
-    assert data["images"] == 8 and data["available"] == 10000 and data["limit"] == 8
+    assert data["images"] == 8 and data["available"] == 5000 and data["limit"] == 8 and data["split"] == "test"
     assert data["path"].endswith("cifar10/test_jpeg")
     rows = {r["model"] or r["paper_model"]: r for r in t1["results"]["rows"]}
     assert rows["ResNet18"]["status"] == rows["VGG16"]["status"] == "not measured" and rows["VGG16"]["reason"]
@@ -469,3 +469,21 @@ def test_readme_coverage_sentence_quotes_the_books_coverage():
             "random-weight models") in readme
     assert (f"at 3/6 it is the most faithful on {count('3/6', max, 'dfmpc+')} and OMSE on "
             f"{count('3/6', max, 'omse')}.") in readme
+
+
+def test_standard_error_is_the_binomial_formula():
+    """sqrt(p (1 - p) / n) in points: 50 % on 100 images is 5 points, 10 % on 10,000 is 0.3 (without the root: 0.25,
+    0.0009)."""
+    assert compare.standard_error(50.0, 100) == pytest.approx(5.0)
+    assert compare.standard_error(10.0, 10_000) == pytest.approx(0.3)
+    assert compare.standard_error(None, 10) is None and compare.standard_error(50.0, 0) is None
+
+
+def test_relative_paths_name_files_from_the_data_folder(tmp_path):
+    from dfmpc.experiments.provenance import relative_paths
+
+    shared = tmp_path / "shared"
+    obj = {"path": str(shared / "data" / "cifar10"), "list": [f"{shared}/w.th", "random"], "n": 3,
+           "weights": "/opt/venv/lib/python3.11/site-packages/pkg/models/w.pth"}
+    assert relative_paths(obj, shared) == {"path": "$DFMPC_SHARED/data/cifar10", "list": ["$DFMPC_SHARED/w.th", "random"],
+                                           "n": 3, "weights": "site-packages/pkg/models/w.pth"}

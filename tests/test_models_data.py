@@ -33,21 +33,22 @@ def shared_env(monkeypatch):
 # ----------------------------------------------------------------------------- real accuracy
 
 @needs_shared
-@pytest.mark.parametrize("name,published_here,limit",
-                         [("resnet20_cifar10_a", 81.03, 1000),
-                          pytest.param("resnet56_cifar10_a", 83.20, 500, marks=pytest.mark.slow)])
-def test_option_a_pretrained_accuracy(shared_env, name, published_here, limit):
-    # ../shared/README.md measured these top-1 values on all 10,000 JPEG test images (seed 0
-    # subsets give 80.8 % and 83.4 %).  A wrong label order gives ~10 %, no normalisation ~26 %,
-    # mean=std=0.5 ~63 %.  (CIFAR's own mean/std would give the same as ImageNet's, within a
-    # point: hence the separate check of spec.mean.)
+@pytest.mark.parametrize("name,measured,limit",
+                         [("resnet20_cifar10_a", 80.8, 1000),
+                          pytest.param("resnet56_cifar10_a", 83.4, 500, marks=pytest.mark.slow)])
+def test_option_a_pretrained_accuracy(shared_env, name, measured, limit):
+    # Measured on these seed-0 subsets of the JPEG test images: 80.8 % and 83.4 % (../shared/README.md gives
+    # 81.03 % and 83.20 % on all 10,000).  The evaluation is deterministic; the margin, 1 point (10 and 5
+    # images), allows only for numerical differences between machines.  A wrong label order gives ~10 %, no
+    # normalisation ~26 %, mean=std=0.5 ~63 %.  (CIFAR's own mean/std would give the same as ImageNet's,
+    # within a point: hence the separate check of spec.mean.)
     model, spec = load_model(name)
     assert spec.weights and Path(spec.weights).is_file()
     assert spec.mean == IMAGENET_MEAN and spec.std == IMAGENET_STD and spec.resize is None
     data = load_dataset("cifar10", CIFAR_DIR, transform=spec.eval_transform(), limit=limit, seed=0)
     result = evaluate(model, data, batch_size=250, progress=False)
     assert result["images"] == limit
-    assert abs(result["top1"] - published_here) < 4.5, result
+    assert abs(result["top1"] - measured) <= 1.0, result
     assert result["top5"] >= result["top1"]
 
 

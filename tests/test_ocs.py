@@ -268,5 +268,8 @@ def test_ocs_on_resnet20_agrees_with_fp32_at_4_6(shared):
     finally:
         torch.set_num_threads(threads)
     print(f"agreement with fp32 on 256 images at 4/6: ocs {agree_ocs:.1f} %, per-channel {agree_pc:.1f} %")
-    assert math.isfinite(agree_ocs) and agree_ocs > 50  # chance is 10 %
+    # measured 87.9 % and 86.3 % (deterministic, one thread); the margin, 3 points (8 of 256 images), allows for
+    # numerical differences between machines. Chance is 10 %.
+    assert math.isfinite(agree_ocs) and agree_ocs >= 87.9 - 3
+    assert agree_pc >= 86.3 - 3
     assert sum(isinstance(m, SplitConv2d) for m in qmodel.modules()) == 19 and report.seconds < 10

@@ -23,6 +23,17 @@ def test_ternary_matches_eq3_eq4_by_hand():
     assert qt.weight_bits == 8 * 2
 
 
+def test_ternary_threshold_is_0_7_times_mean_abs():
+    """Eq. (4) pins the factor: E|w| = 1 here and |w| = 0.68, 0.72 sit on either side of Delta = 0.7, so any
+    factor outside (0.68, 0.72) changes the codes or alpha (the hand example above accepts about 0.51-0.76)."""
+    w = torch.tensor([0.68, -0.72, 0.2, 2.4])
+    assert torch.isclose(w.abs().mean(), torch.tensor(1.0))
+    qt = ternary_quantize(w)
+    assert qt.codes.tolist() == [0, -1, 0, 1]
+    assert torch.isclose(qt.scale, torch.tensor((0.72 + 2.4) / 2))
+    assert ternary_quantize(w, threshold_factor=0.75).codes.tolist() == [0, 0, 0, 1]  # the test sees the factor
+
+
 def test_ternary_per_channel_uses_channel_statistics():
     w = torch.randn(8, 4, 3, 3) * torch.logspace(-2, 0, 8).reshape(8, 1, 1, 1)
     qt = ternary_quantize(w, granularity="channel")

@@ -350,7 +350,13 @@ def test_resnet20_at_4_6_agrees_with_full_precision(shared):
             ZeroQ("4/6", input_size=spec.input_size).apply(model)
         agreement[name] = predict(qmodel, data, device="cpu").agreement(ref)
     print("agreement with fp32 at 4/6 on 256 images:", agreement, f"zeroq {report.seconds:.1f} s")
-    assert agreement["zeroq"] > 85.0
+    # measured (deterministic, one thread): zeroq 94.1 %, per-channel 88.7 %, omse 88.3 %; the margin, 3 points
+    # (8 of 256 images), allows for numerical differences between machines; zeroq's lead over both, 5.5 points
+    # when measured, must stay above 2.
+    measured = {"zeroq": 94.1, "per-channel": 88.7, "omse": 88.3}
+    for name, value in measured.items():
+        assert agreement[name] >= value - 3, (name, agreement)
+    assert agreement["zeroq"] >= max(agreement["per-channel"], agreement["omse"]) + 2, agreement
     assert plan_layers(model, "4/6").low_bits == 4
 
 

