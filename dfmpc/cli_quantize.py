@@ -12,6 +12,7 @@ from pathlib import Path
 
 from . import __version__
 from .bits import parse_bits
+from .cli_export import act_settings, check_quantize_options, export_kept
 from .errors import DfmpcError
 from .options import check_output_file, check_positive, parse_data_dirs, parse_floats, parse_images, parse_methods
 from .paths import DATASETS
@@ -35,6 +36,8 @@ def method_settings(method: str, args, spec=None) -> list[dict]:
 
     accepted = inspect.signature(METHODS[method].__init__).parameters
     common = {"unpaired": args.unpaired, "keep_fp32": tuple(args.keep_fp32), **settings_for_model(method, spec)}
+    if spec is not None:
+        common.update(act_settings(args, spec))
     if args.granularity is not None:  # else each method's own default (per-channel, omse, dfmpc+: channel)
         common["granularity"] = args.granularity
     if "fold" in accepted:
@@ -73,8 +76,8 @@ def _checked(args) -> dict:
     check_positive("--batch-size", args.batch_size, unset_ok=False)
     check_positive("--threads", args.threads)
     if args.save_method is not None:
-        if not args.save:
-            raise DfmpcError("--save-method says which model --save writes; add --save FILE")
+        if not args.save and not args.export:
+            raise DfmpcError("--save-method says which model --save (or --export) writes; add --save FILE")
         if parse_methods(args.save_method, "--save-method") != [args.save_method.strip()]:
             raise DfmpcError(f"--save-method takes one method name, got {args.save_method!r}")
         if args.save_method.strip() not in checked["methods"]:
@@ -91,6 +94,7 @@ def _checked(args) -> dict:
     parse_data_dirs(args.data_dir, args.dataset or "cifar10")
     check_output_file(args.json, "--json")
     check_output_file(args.save, "--save")
+    check_quantize_options(args)  # --act-bits, --act-rule, --export
     return checked
 
 
@@ -132,6 +136,9 @@ def cmd_quantize(args) -> int:
     torch.manual_seed(args.seed)
     model, spec, data, record, weights = _model_and_data(args, checked["images"])
     print("\n".join(_header(args, spec, record, weights)))
+    if args.act_bits is not None:
+        print(f"acts     {args.act_bits}-bit activations, per tensor, asymmetric, ranges by the {args.act_rule} rule from "
+              "the BatchNorm statistics (no data); the fp32 row keeps fp32 activations")
     labelled = not args.random_weights and record["dataset"] == spec.dataset
     if record["dataset"] != spec.dataset:  # e.g. a CIFAR-100 model where only the CIFAR-10 test set is at hand
         print(f"{args.model} classifies {spec.dataset} images and sees {record['dataset']} ones: its accuracies are "
@@ -153,6 +160,8 @@ def cmd_quantize(args) -> int:
            "warmup": {"method": runs[0][1], "bits": runs[0][0], "seconds": cold}, "results": results}
     if args.save:
         out["saved"] = _save(args, results, keep, criterion, weights, record)
+    if args.export:
+        out["exported"] = export_kept(args, keep, results[keep[0]], data, spec)
     if args.json:
         _write_json(args.json, out)
     return 0
@@ -203,7 +212,7 @@ def _measure(args, model, data, device, runs, criterion):
                         "lambda2": settings.get("lambda2"), "size_mb": report.size_mb,
                         "top1": pred.top1_accuracy(), "top5": pred.top5_accuracy(),
                         "agreement": pred.agreement(fp), "quantize_seconds": report.seconds})
-        if args.save and best_row(results, criterion, args.save_method) == len(results) - 1:
+        if (args.save or args.export) and best_row(results, criterion, args.save_method) == len(results) - 1:
             keep = (len(results) - 1, qmodel, report)  # only the best so far stays in memory
     return results, cold, keep
 

@@ -35,7 +35,7 @@ from .errors import DfmpcError
 from .folding import fold_batch_norms, per_channel_scales, signed_codes
 from .graph import trace
 
-__all__ = ["OPSET", "require", "codes_from_file", "export_onnx"]
+__all__ = ["OPSET", "require", "codes_from_file", "export_onnx", "onnx_predict"]
 
 OPSET = 13
 _INSTALL = "pip install 'dfmpc[deploy]' (or: pip install onnx onnxruntime)"
@@ -176,3 +176,26 @@ def export_onnx(qmodel: nn.Module, codes: dict[str, torch.Tensor], path: str | o
     return {"path": str(path), "bytes": path.stat().st_size, "opset": opset, "int8_weights": sorted(stored),
             "float_weights": float_weights,
             "activation_qdq": sum(node.op_type == "QuantizeLinear" for node in old)}
+
+
+def onnx_predict(path: str | os.PathLike, dataset, batch_size: int = 128, threads: int = 1):
+    """onnxruntime (CPU execution provider) over ``dataset`` of (image, label) pairs, in order: the same
+    :class:`~dfmpc.evaluate.Predictions` as :func:`dfmpc.evaluate.predict`, so that top-1 and agreement compare."""
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader
+
+    from .evaluate import Predictions
+
+    ort = require("onnxruntime")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    tops, labels, losses = [], [], []
+    for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        logits = torch.from_numpy(session.run(None, {"input": x.numpy()})[0]).float()
+        y = torch.as_tensor(y)
+        tops.append(logits.topk(min(5, logits.shape[1]), dim=1).indices)
+        losses.append(F.cross_entropy(logits, y, reduction="none"))
+        labels.append(y)
+    return Predictions(torch.cat(tops), torch.cat(labels), torch.cat(losses))
