@@ -24,7 +24,8 @@ def quantize(model: nn.Module, bits="2/6", method: str = "dfmpc", act_bits=None,
         act_bits: also quantize the activations to this many bits (2 to 8; None: fp32 activations, the paper's
             setting), per tensor and asymmetric, with ranges from the BatchNorm statistics
             (:mod:`dfmpc.activations`); the result is then a ``torch.fx.GraphModule`` and ``report.activations``
-            lists every quantized tensor with its range. ``act_rule``: "dfq" (beta +- 6 gamma, DFQ) or "mse".
+            lists every quantized tensor with its range; ``report.weights_model`` is the model before its activations
+            were quantized, the one :func:`dfmpc.save_quantized` writes. ``act_rule``: "dfq" (beta +- 6 gamma, DFQ) or "mse".
             ``act_input_range``: (low, high) of the network's input (default: pixels in [0, 1] normalized by the
             ImageNet mean and std).
 
@@ -48,6 +49,7 @@ def quantize(model: nn.Module, bits="2/6", method: str = "dfmpc", act_bits=None,
     if act_rule not in ACT_RULES:
         raise DfmpcError(f"unknown act_rule {act_rule!r}; use one of {', '.join(ACT_RULES)}")
     qmodel, report = transform.apply(model)
+    report.weights_model = qmodel  # what dfmpc.save_quantized writes: the file keeps weights, not activation ranges
     qmodel, report.activations = quantize_activations(qmodel, act_bits, act_input_range or IMAGENET_INPUT_RANGE,
                                                       act_rule, codes=integer_codes(report))
     report.act_bits = act_bits

@@ -234,7 +234,9 @@ def _save(args, results, keep, criterion, weights, record) -> dict:
     provenance = {"weights": Path(weights).name if local else weights,
                   "data": record["dataset"] + (" (offline copy)" if record["offline_copy"] else ""),
                   "images": record["images"], "top1": round(row["top1"], 2), "agreement": round(row["agreement"], 2)}
-    nbytes = save_quantized(qmodel, report, args.save, model_name=args.model, provenance=provenance)
+    # with --act-bits the file keeps the weights; `dfmpc export --act-bits N` quantizes the activations again
+    nbytes = save_quantized(getattr(report, "weights_model", qmodel), report, args.save, model_name=args.model,
+                            provenance=provenance)
     print(f"saved {row['method']} {row['bits']} to {args.save}: {nbytes / 2**20:.3f} MB on disk (report "
           f"{report.size_mb:.3f} MB), {why} ({score}); dfmpc.load_quantized({args.save!r}) loads it")
     return {"path": str(args.save), "method": row["method"], "bits": row["bits"], "lambda1": row["lambda1"],

@@ -19,7 +19,7 @@ of :data:`BOOK_PRESETS`; ``dfmpc experiments --book`` regenerates all of them. T
 relative comparisons only: JPEG costs the CIFAR-10 models about ten points, and the ImageNet subset is
 easier than the full validation set.
 """
-from . import baselines, compare, coverage, diagnosis, fig3, fig4, fig5, table1, table2, table34, timing, wa, engine
+from . import baselines, compare, coverage, diagnosis, engine, fig3, fig4, fig5, table1, table2, table34, timing, wa
 from .book import book_data_dir, data_label, describe, load_result, md_table
 from .runner import SCHEMA, run_experiment, run_experiments, settings_for
 from .session import PRESETS, Session
