@@ -27,7 +27,8 @@ def quantize(model: nn.Module, bits="2/6", method: str = "dfmpc", act_bits=None,
             lists every quantized tensor with its range; ``report.weights_model`` is the model before its activations
             were quantized, the one :func:`dfmpc.save_quantized` writes. ``act_rule``: "dfq" (beta +- 6 gamma, DFQ) or "mse".
             ``act_input_range``: (low, high) of the network's input (default: pixels in [0, 1] normalized by the
-            ImageNet mean and std).
+            ImageNet mean and std). A method that distils synthetic images (``zeroq``) calibrates the ranges on them
+            (minimum and maximum of every tensor), as in its paper; ``act_rule`` does not apply to it.
 
     Returns:
         The quantized copy (a plain ``nn.Module`` with dequantized weights) and a
@@ -50,7 +51,9 @@ def quantize(model: nn.Module, bits="2/6", method: str = "dfmpc", act_bits=None,
         raise DfmpcError(f"unknown act_rule {act_rule!r}; use one of {', '.join(ACT_RULES)}")
     qmodel, report = transform.apply(model)
     report.weights_model = qmodel  # what dfmpc.save_quantized writes: the file keeps weights, not activation ranges
+    # ZeroQ calibrates the activation ranges on its distilled images, as its paper does (the same images as its weights)
+    calibration = transform.distilled(model)[0] if getattr(transform, "uses_synthetic_data", False) else None
     qmodel, report.activations = quantize_activations(qmodel, act_bits, act_input_range or IMAGENET_INPUT_RANGE,
-                                                      act_rule, codes=integer_codes(report))
+                                                      act_rule, calibration=calibration, codes=integer_codes(report))
     report.act_bits = act_bits
     return qmodel, report

@@ -123,3 +123,19 @@ def test_bad_activation_settings_are_refused_in_one_line(kwargs, needle):
     with pytest.raises(dfmpc.DfmpcError, match=re.escape(needle)) as err:
         dfmpc.quantize(Block(), bits="4/4", method="original", **kwargs)
     assert "\n" not in str(err.value)
+
+
+def test_calibration_images_give_each_tensors_minimum_and_maximum_as_zeroq_does():
+    net = Block(seed=8).eval()
+    x = torch.randn(16, 3, 8, 8)
+    _, rows = quantize_activations(net, 8, calibration=x)
+    by_tensor = {r["tensor"]: r for r in rows}
+    with torch.no_grad():
+        act0 = net.act0(net.bn0(net.conv0(x)))
+        bn1 = net.bn1(net.conv1(act0))
+    assert by_tensor["act0"]["source"] == "calibration"
+    assert by_tensor["act0"]["hi"] == pytest.approx(act0.max().item())
+    assert (by_tensor["bn1"]["lo"], by_tensor["bn1"]["hi"]) == pytest.approx((bn1.min().item(), bn1.max().item()))
+    assert by_tensor["x"]["source"] == "input"  # the input keeps its fixed range
+    with pytest.raises(dfmpc.DfmpcError, match="calibration= must be a batch of images"):
+        quantize_activations(net, 8, calibration=torch.zeros(3, 8, 8))
