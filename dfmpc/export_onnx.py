@@ -16,6 +16,9 @@ what :func:`dfmpc.load_quantized` rebuilt from a ``.dfmpc`` file, and writes an 
 * every :class:`~dfmpc.activations.ActivationQuantizer` becomes a ``QuantizeLinear`` -> ``DequantizeLinear``
   pair with its scale and zero point (uint8; below 8 bits a ``Clip`` first keeps the codes in range).
 
+Why int8 and not int4 for ternary and 4-bit codes: in onnxruntime 1.32 an int4 weight (opset 21) is dequantized and
+convolved in float, an int8 one runs ``QLinearConv`` (``tests/test_export.py`` checks both).
+
 ``onnx.checker`` checks the file before it is written. ``onnx`` (and ``onnxruntime`` to run the file) are the
 optional extra ``dfmpc[deploy]``.
 """

@@ -150,3 +150,38 @@ def test_onnx_predict_gives_predictions_like_evaluate(tmp_path, data):
     from dfmpc.evaluate import predict
 
     assert onnx_predict(tmp_path / "fp.onnx", dataset).agreement(predict(net, dataset, device="cpu")) == 100.0
+
+
+def test_onnxruntime_runs_int8_weights_in_integer_kernels_but_dequantizes_int4(tmp_path):
+    """Why the export stores int8 codes: in onnxruntime (1.32) an int4 weight (opset 21) is dequantized and convolved in
+    float; an int8 one runs QLinearConv. If this fails, onnxruntime has gained int4 kernels: store int4 codes."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).integers(-1, 2, size=(8, 4, 3, 3))
+
+    def ops(wtype):
+        inits = [helper.make_tensor("w_q", wtype, w.shape, w.flatten().tolist()),
+                 numpy_helper.from_array(np.full(8, 0.1, np.float32), "w_s"), helper.make_tensor("w_z", wtype, [8], [0] * 8)]
+        for name, scale in (("x", 0.05), ("y", 0.1)):
+            inits += [numpy_helper.from_array(np.array(scale, np.float32), f"{name}_s"),
+                      numpy_helper.from_array(np.array(128, np.uint8), f"{name}_z")]
+        nodes = [helper.make_node("QuantizeLinear", ["x", "x_s", "x_z"], ["xq"]),
+                 helper.make_node("DequantizeLinear", ["xq", "x_s", "x_z"], ["xd"]),
+                 helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_z"], ["wd"], axis=0),
+                 helper.make_node("Conv", ["xd", "wd"], ["y"]), helper.make_node("QuantizeLinear", ["y", "y_s", "y_z"], ["yq"]),
+                 helper.make_node("DequantizeLinear", ["yq", "y_s", "y_z"], ["out"])]
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+                                  [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 8, 6, 6])], inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+        model.ir_version = 10
+        onnx.checker.check_model(model)
+        onnx.save(model, str(tmp_path / "m.onnx"))
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / "opt.onnx")
+        options.log_severity_level = 3
+        ort.InferenceSession(str(tmp_path / "m.onnx"), options, providers=["CPUExecutionProvider"])
+        return [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+
+    assert "QLinearConv" in ops(TensorProto.INT8)
+    assert "Conv" in ops(TensorProto.INT4) and "QLinearConv" not in ops(TensorProto.INT4)
