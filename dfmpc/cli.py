@@ -5,6 +5,7 @@
     dfmpc quantize --model resnet56_cifar10_a --bits 2/6 --images 1000 --json out.json --save q.dfmpc
     dfmpc benchmark                   # seconds to quantize + compensate (--startup: the command's start-up)
     dfmpc experiments --quick         # every experiment of the book, one JSON each (--list lists them)
+    dfmpc export q.dfmpc q.onnx --act-bits 8   # a QDQ ONNX model that onnxruntime runs (dfmpc[deploy])
 
 One vocabulary across subcommands: ``--images N|all`` (how many evaluation images: a fixed random subset),
 ``--data-dir [DATASET=]DIR``, ``--device``, ``--seed``, ``--threads``, ``--batch-size``, ``--no-progress``;
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from . import __version__
 from .catalog import METHOD_DESCRIPTIONS, models_table
+from .cli_export import add_export_parser, add_quantize_options
 from .cli_quantize import CALIBRATION_IMAGES, DEFAULT_METHODS, cmd_quantize, format_table, method_settings
 from .errors import DfmpcError
 from .options import (
@@ -213,7 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a setting of the methods that take it, e.g. restarts=1 for dfmpc+ (repeatable; `dfmpc methods "
                         "--settings` lists each method's settings)")
     q.add_argument("--json", help="write the results to this file")
+    add_quantize_options(q)  # --act-bits, --act-rule, --export
     q.set_defaults(func=cmd_quantize)
+    add_export_parser(sub, _common)  # dfmpc export IN.dfmpc OUT.onnx
 
     e = sub.add_parser("experiments", help="run the book's experiments; one JSON file per experiment")
     e.add_argument("names", nargs="*", metavar="NAME", help="experiments to run (default: all; --list lists them)")

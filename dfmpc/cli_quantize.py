@@ -11,6 +11,7 @@ from pathlib import Path
 
 from . import __version__
 from .bits import parse_bits
+from .cli_export import act_settings, check_quantize_options, export_kept
 from .errors import DfmpcError
 from .options import (
     check_model,
@@ -54,6 +55,8 @@ def method_settings(method: str, args, spec=None) -> list[dict]:
     sets = {key: parse_setting(text, accepted[key], f"--set {key}=")
             for key, text in parse_set_flags(getattr(args, "set", None)).items() if key in accepted}
     common = {"unpaired": args.unpaired, "keep_fp32": tuple(args.keep_fp32), **settings_for_model(method, spec), **sets}
+    if spec is not None:
+        common.update(act_settings(args, spec))
     if args.granularity is not None:  # else each method's own default (per-channel, omse, dfmpc+: channel)
         common["granularity"] = args.granularity
     if "fold" in accepted:
@@ -99,8 +102,8 @@ def _checked(args) -> dict:
             raise DfmpcError(f"--set {key}= is not for the command line" if flag is None else
                              f"{key} has its own flag: use {flag} instead of --set {key}=")
     if args.save_method is not None:
-        if not args.save:
-            raise DfmpcError("--save-method says which model --save writes; add --save FILE")
+        if not args.save and not args.export:
+            raise DfmpcError("--save-method says which model --save (or --export) writes; add --save FILE")
         if parse_methods(args.save_method, "--save-method") != [args.save_method.strip()]:
             raise DfmpcError(f"--save-method takes one method name, got {args.save_method!r}")
         if args.save_method.strip() not in checked["methods"]:
@@ -117,6 +120,7 @@ def _checked(args) -> dict:
     parse_data_dirs(args.data_dir, args.dataset or "cifar10")
     check_output_file(args.json, "--json")
     check_output_file(args.save, "--save")
+    check_quantize_options(args)  # --act-bits, --act-rule, --export
     return checked
 
 
@@ -183,6 +187,9 @@ def cmd_quantize(args) -> int:
     torch.manual_seed(args.seed)
     model, spec, data, record, weights = _model_and_data(args, checked["images"])
     print("\n".join(_header(args, spec, record, weights)))
+    if args.act_bits is not None:
+        print(f"acts     {args.act_bits}-bit activations, per tensor, asymmetric, ranges by the {args.act_rule} rule from "
+              "the BatchNorm statistics (no data); the fp32 row keeps fp32 activations")
     labelled = not args.random_weights and record["dataset"] == spec.dataset
     if record["dataset"] != spec.dataset:  # e.g. a CIFAR-100 model where only the CIFAR-10 test set is at hand
         print(f"{args.model} classifies {spec.dataset} images and sees {record['dataset']} ones: its accuracies are "
@@ -204,6 +211,8 @@ def cmd_quantize(args) -> int:
            "warmup": {"method": runs[0][1], "bits": runs[0][0], "seconds": cold}, "results": results}
     if args.save:
         out["saved"] = _save(args, results, keep, criterion, weights, record)
+    if args.export:
+        out["exported"] = export_kept(args, keep, results[keep[0]], data, spec)
     if args.json:
         _write_json(args.json, out)
     return 0
@@ -254,7 +263,7 @@ def _measure(args, model, data, device, runs, criterion):
                         "lambda2": settings.get("lambda2"), "size_mb": report.size_mb,
                         "top1": pred.top1_accuracy(), "top5": pred.top5_accuracy(),
                         "agreement": pred.agreement(fp), "quantize_seconds": report.seconds})
-        if args.save and best_row(results, criterion, args.save_method) == len(results) - 1:
+        if (args.save or args.export) and best_row(results, criterion, args.save_method) == len(results) - 1:
             keep = (len(results) - 1, qmodel, report)  # only the best so far stays in memory
     return results, cold, keep
 
@@ -276,7 +285,9 @@ def _save(args, results, keep, criterion, weights, record) -> dict:
     provenance = {"weights": Path(weights).name if local else weights,
                   "data": record["dataset"] + (" (offline copy)" if record["offline_copy"] else ""),
                   "images": record["images"], "top1": round(row["top1"], 2), "agreement": round(row["agreement"], 2)}
-    nbytes = save_quantized(qmodel, report, args.save, model_name=args.model, provenance=provenance)
+    # with --act-bits the file keeps the weights; `dfmpc export --act-bits N` quantizes the activations again
+    weights_model = qmodel if report.weights_model is None else report.weights_model
+    nbytes = save_quantized(weights_model, report, args.save, model_name=args.model, provenance=provenance)
     print(f"saved {row['method']} {row['bits']} to {args.save}: {nbytes / 2**20:.3f} MB on disk (report "
           f"{report.size_mb:.3f} MB), {why} ({score}); dfmpc.load_quantized({args.save!r}) loads it")
     return {"path": str(args.save), "method": row["method"], "bits": row["bits"], "lambda1": row["lambda1"],

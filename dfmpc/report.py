@@ -3,7 +3,8 @@
 compensation went, and the method's settings."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import copy
+from dataclasses import asdict, dataclass, field, fields
 
 __all__ = ["LayerReport", "QuantizationReport"]
 
@@ -39,11 +40,17 @@ class QuantizationReport:
     # layer name -> QuantizedTensor: the integer codes and scales behind every quantized weight, which
     # dfmpc.save_quantized packs at their bit width
     quantized: dict = field(default_factory=dict, repr=False)
+    # set by dfmpc.quantize(act_bits=...): the activations' bits, every quantized tensor with its range
+    # (dfmpc.activations), and the model before its activations were quantized (what dfmpc.save_quantized writes)
+    act_bits: int | None = None
+    activations: list = field(default_factory=list, repr=False)
+    weights_model: object = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("compensation")
-        d.pop("quantized")
+        # the tensors and the model stay out: a plain, JSON-ready record (asdict would also deep-copy the model)
+        skip = {"compensation", "quantized", "weights_model"}
+        d = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name not in skip}
+        d["layers"] = [asdict(lr) for lr in self.layers]
         return d
 
     def table(self) -> str:
