@@ -17,9 +17,7 @@ tried before any evaluation starts. torch is imported only by the subcommands th
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 from . import __version__
 from .catalog import METHOD_DESCRIPTIONS, models_table
@@ -35,6 +33,7 @@ from .options import (
     parse_data_dirs,
     parse_images,
     parse_set_flags,
+    write_json,
 )
 
 __all__ = ["main", "build_parser", "method_settings", "format_table", "CALIBRATION_IMAGES"]
@@ -97,8 +96,7 @@ def cmd_benchmark(args) -> int:
                   f"{r['min_s']:>7.3f}  {r['device']:<6}  {r['weights']}")
         torch_version = torch.__version__
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"torch": torch_version, "rows": rows}, indent=2) + "\n")
+        write_json(args.json, {"torch": torch_version, "rows": rows}, "--json")
     return 0
 
 
@@ -144,11 +142,16 @@ def _common(p, batch_size=256, images_help="evaluate on a fixed random subset of
     p.add_argument("--data-dir", action="append", metavar="[DATASET=]DIR",
                    help="data folder (default: the offline copy in $DFMPC_SHARED or ../shared, else a download); "
                         "repeatable as DATASET=DIR")
-    p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    _device_options(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the image subsets and of everything random")
     p.add_argument("--batch-size", type=int, default=batch_size)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def _device_options(p):
+    """Where torch computes: the same two options in every subcommand that runs torch."""
+    p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -174,8 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--models", default="resnet18,resnet56_cifar10_a", help="comma-separated model names")
     b.add_argument("--bits", default="2/6")
     b.add_argument("--repeat", type=int, default=5)
-    b.add_argument("--device", help="cpu | cuda (default: cuda when available)")
-    b.add_argument("--threads", type=int, help="CPU threads for torch")
+    _device_options(b)
     b.add_argument("--json", help="write the timings to this file")
     b.set_defaults(func=cmd_benchmark)
 

@@ -6,7 +6,6 @@ allows relative comparisons only), one row per quantized model, and which model 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from . import __version__
@@ -24,6 +23,7 @@ from .options import (
     parse_methods,
     parse_set_flags,
     parse_setting,
+    write_json,
 )
 from .paths import DATASETS
 
@@ -145,18 +145,15 @@ def _check_sets(args, checked) -> None:
 
 def _data(args, spec, dataset_name: str, images):
     """The evaluation images (cached tensors) and a record of what they are (folder, count, offline copy)."""
-    from .data import data_folder, load_dataset
-    from .experiments.provenance import data_record
+    from .pipeline import evaluation_data
 
     data_dir = parse_data_dirs(args.data_dir, dataset_name).get(dataset_name)
-    folder = data_folder(dataset_name, data_dir)
+    split = None if args.split == "all" else args.split
+    data, record = evaluation_data(dataset_name, spec, data_dir, images, args.seed, split, progress=not args.no_progress,
+                                   skip_unreadable=bool(args.skip_unreadable), fallback=False, cache=True)
+    record.setdefault("unreadable_skipped", [])
     load = dict(name=dataset_name, data_dir=data_dir, transform=spec.eval_transform(), progress=not args.no_progress,
                 skip_unreadable=args.skip_unreadable)
-    split = None if args.split == "all" else args.split
-    available = len(load_dataset(split=split, **load))  # the file list only: nothing is decoded
-    data = load_dataset(limit=None if images == "all" else images, seed=args.seed, cache=True, split=split, **load)
-    record = data_record(dataset_name, folder, available, len(data), images, args.seed, False, split)
-    record["unreadable_skipped"] = list(getattr(data, "skipped", []))
     return data, record, load
 
 
@@ -214,7 +211,7 @@ def cmd_quantize(args) -> int:
     if args.export:
         out["exported"] = export_kept(args, keep, results[keep[0]], data, spec)
     if args.json:
-        _write_json(args.json, out)
+        write_json(args.json, out, "--json")
     return 0
 
 
@@ -243,6 +240,7 @@ def _measure(args, model, data, device, runs, criterion):
     and (row index, model, report) of the model ``--save`` writes (the best by ``criterion``)."""
     from .api import quantize
     from .evaluate import predict
+    from .pipeline import quantize_and_predict
     from .size import fp32_size_mb
 
     def run(net, desc):
@@ -255,10 +253,10 @@ def _measure(args, model, data, device, runs, criterion):
                 "top1": fp.top1_accuracy(), "top5": fp.top5_accuracy(), "agreement": 100.0, "quantize_seconds": None}]
     keep = None
     for bits, method, settings in runs:
-        qmodel, report = quantize(model, bits=bits, method=method, **settings)
         desc = f"{method} {bits}" + ("" if "lambda1" not in settings else
                                      f" l1={settings['lambda1']:g} l2={settings['lambda2']:g}")
-        pred = run(qmodel, desc)
+        qmodel, report, pred = quantize_and_predict(model, data, method, bits, settings, device=device,
+                                                    batch_size=args.batch_size, progress=not args.no_progress, desc=desc)
         results.append({"method": method, "bits": bits, "lambda1": settings.get("lambda1"),
                         "lambda2": settings.get("lambda2"), "size_mb": report.size_mb,
                         "top1": pred.top1_accuracy(), "top5": pred.top5_accuracy(),
@@ -299,11 +297,3 @@ def _calibration_images(load: dict, count: int, seed: int):
     from .data import load_dataset
 
     return load_dataset(limit=count, seed=seed, cache=True, **load).tensors[0]
-
-
-def _write_json(path: str, out: dict) -> None:
-    try:
-        Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        Path(path).expanduser().write_text(json.dumps(out, indent=2) + "\n")
-    except OSError as e:
-        raise DfmpcError(f"--json {path!r} cannot be written ({e.strerror or type(e).__name__})") from None

@@ -15,7 +15,8 @@ from .errors import DfmpcError
 from .paths import DATASETS
 
 __all__ = ["INT_LIMITS", "parse_methods", "parse_floats", "parse_images", "parse_data_dirs", "check_positive", "check_seed",
-           "check_model", "check_output_file", "check_output_dir", "parse_setting", "parse_set_flags"]
+           "check_model", "check_output_file", "check_output_dir", "parse_setting", "parse_set_flags",
+           "write_json"]
 
 
 def parse_methods(value: str, flag: str = "--method") -> list[str]:
@@ -177,3 +178,14 @@ def parse_set_flags(items) -> dict:
             raise DfmpcError(f"--set takes KEY=VALUE, e.g. restarts=1; got {item!r}")
         out[key.strip()] = value.strip()
     return out
+
+
+def write_json(path: str, out: dict, flag: str) -> None:
+    """Write ``out`` as JSON to ``path`` (given by ``flag``), creating its folder; one line if it cannot."""
+    import json
+
+    try:
+        Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        Path(path).expanduser().write_text(json.dumps(out, indent=2) + "\n")
+    except OSError as e:
+        raise DfmpcError(f"{flag} {path!r} cannot be written ({e.strerror or type(e).__name__})") from None

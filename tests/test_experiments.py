@@ -487,3 +487,33 @@ def test_relative_paths_name_files_from_the_data_folder(tmp_path):
            "weights": "/opt/venv/lib/python3.11/site-packages/pkg/models/w.pth"}
     assert relative_paths(obj, shared) == {"path": "$DFMPC_SHARED/data/cifar10", "list": ["$DFMPC_SHARED/w.th", "random"],
                                            "n": 3, "weights": "site-packages/pkg/models/w.pth"}
+
+
+def test_a_result_records_the_commit_of_its_code_and_whether_the_tree_was_dirty(tmp_path):
+    """code_version reads git: the commit, dirty for a changed tracked file, not for a changed result file."""
+    import shutil
+    import subprocess
+
+    from dfmpc.experiments.provenance import code_version
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "book" / "data").mkdir(parents=True)
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "book" / "data" / "r.json").write_text("{}\n")
+    git("add", ".")
+    git("commit", "-qm", "one")
+    clean = code_version.__wrapped__(str(tmp_path))
+    assert clean == {"commit": git("rev-parse", "HEAD"), "dirty": False}
+    (tmp_path / "book" / "data" / "r.json").write_text('{"new": 1}\n')  # a result written by a run
+    assert code_version.__wrapped__(str(tmp_path))["dirty"] is False
+    (tmp_path / "code.py").write_text("x = 2\n")  # the code changed
+    assert code_version.__wrapped__(str(tmp_path)) == {"commit": clean["commit"], "dirty": True}
+    assert code_version.__wrapped__(str(tmp_path / "book")) == {"commit": None, "dirty": None}  # not the root
+    assert code_version.__wrapped__(str(tmp_path.parent / "nowhere")) == {"commit": None, "dirty": None}

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import platform
+import subprocess
 from pathlib import Path
 
 import torch
@@ -10,7 +12,8 @@ import torch
 from .. import __version__
 from ..data import default_data_dir
 
-__all__ = ["device_name", "versions", "data_record", "collect_data_records", "relative_paths", "SHARED_PREFIX"]
+__all__ = ["device_name", "versions", "code_version", "RESULT_PATHS", "data_record", "collect_data_records",
+           "relative_paths", "SHARED_PREFIX"]
 
 #: How a committed result names a file or folder inside the offline data folder (``dfmpc.data.shared_dir``):
 #: relative to it, so that no result holds the absolute paths of the machine that made it.
@@ -28,11 +31,37 @@ def device_name(device: str) -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
+#: Where results are written: a change there does not make the code "dirty" (an experiment run writes them).
+RESULT_PATHS = ("book/data", "results", "_build")
+
+
+@functools.cache
+def code_version(root: str | None = None) -> dict:
+    """The git commit of the code that runs, and whether its tracked files differ from it (``dirty``; changes under
+    :data:`RESULT_PATHS` do not count), so that a stale result can be told from a fresh one. ``root``: the checkout
+    (default: the one this package was imported from); outside a git checkout (an installed wheel) both are None."""
+    root = root or str(Path(__file__).resolve().parents[2])
+
+    def git(*args):
+        return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=30, check=True).stdout
+
+    try:
+        if Path(git("rev-parse", "--show-toplevel").strip()).resolve() != Path(root).resolve():
+            return {"commit": None, "dirty": None}  # this package is not the checkout's root: not our history
+        commit = git("rev-parse", "HEAD").strip()
+        excluded = [f":(exclude){p}" for p in RESULT_PATHS]
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", *excluded).strip())
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": dirty}
+
+
 def versions() -> dict:
-    """Versions of dfmpc, Python and the libraries a result depends on (those that are installed)."""
+    """Versions of dfmpc, Python and the libraries a result depends on (those that are installed), and the git
+    commit of the code with whether it had uncommitted changes (:func:`code_version`)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    out = {"dfmpc": __version__, "python": platform.python_version(), "torch": torch.__version__}
+    out = {"dfmpc": __version__, **code_version(), "python": platform.python_version(), "torch": torch.__version__}
     for dist in ("torchvision", "pytorchcv", "numpy", "efficientnet-lite-pytorch"):
         with contextlib.suppress(PackageNotFoundError):
             out[dist] = version(dist)

@@ -17,17 +17,16 @@ import torch
 from torch import nn
 
 from ..api import quantize
-from ..data import DATASETS, default_data_dir, load_dataset
+from ..data import DATASETS, default_data_dir
 from ..errors import DfmpcError
 from ..evaluate import Predictions, predict, resolve_device
 from ..models import load_model
+from ..pipeline import CACHE_LIMIT, evaluation_data
 from ..size import fp32_size_mb
-from .provenance import data_record
 
 __all__ = ["Session", "PRESETS", "CACHE_LIMIT", "c_summary", "one_thread"]
 
 PRESETS = ("quick", "full")
-CACHE_LIMIT = 12000  # data sets up to this many images are decoded once and kept in memory as tensors
 _DATA_ENV = {"cifar10": "DFMPC_CIFAR10_DIR", "cifar100": "DFMPC_CIFAR100_DIR", "imagenet": "DFMPC_IMAGENET_DIR"}
 
 
@@ -147,18 +146,12 @@ class Session:
                 problems.append(self._failed[(dataset, directory)])
                 continue
             try:
-                available = len(load_dataset(dataset, directory, seed=self.seed, split=split))
-                # small sets are decoded once and kept in memory; the full ImageNet validation set is streamed
-                cache = min(images or available, available) <= CACHE_LIMIT
-                ds = load_dataset(dataset, directory, transform=spec.eval_transform(), limit=images, seed=self.seed,
-                                  cache=cache, progress=self.progress, split=split)
+                ds, record = evaluation_data(dataset, spec, directory, images, self.seed, split, progress=self.progress,
+                                             fallback="; ".join(problems) if is_fallback or problems else None)
             except DfmpcError as e:
                 self._failed[(dataset, directory)] = str(e)
                 problems.append(str(e))
                 continue
-            record = data_record(dataset, directory, available, len(ds), images, self.seed,
-                                 "; ".join(problems) if is_fallback or problems else None, split)
-            record["in_memory"] = cache
             self._data[key] = (ds, record)
             return self._data[key]
         raise DfmpcError("; ".join(problems) or f"no {dataset} data available; point DFMPC_SHARED at the offline "
