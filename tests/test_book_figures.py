@@ -87,3 +87,20 @@ def test_the_readme_verdict_quotes_the_comparison():
     assert f"against {min(plus):.1f}-{max(plus):.1f} s for `dfmpc+`" in README
     share = {m: 100 * compare.figure(COMPARE, m, "2/6") / models[m]["fp32"]["top1"] for m in (r20, r56)}
     assert f"`dfmpc+` keeps {share[r20]:.1f} % (ResNet-20) and {share[r56]:.1f} % (ResNet-56) of full precision" in README
+
+
+def test_the_readme_engine_figures_are_the_committed_engine_result():
+    """The README's onnxruntime paragraph (its command's model, ResNet-56 at W2/6-A8) quotes book/data/engine.json."""
+    engine = load_result("engine", ROOT / "book" / "data")
+    r56 = next(m for m in engine["results"]["models"] if m["model"] == "resnet56_cifar10_a")
+    assert (engine["results"]["method"], engine["results"]["bits"], engine["results"]["act_bits"]) == ("dfmpc+", "2/6", 8)
+    assert "--bits 2/6 --act-bits 8 --method dfmpc+ --split test --export r56.onnx" in README
+    kernels = r56["kernels"]["quantized"]
+    assert not kernels["float"], "the README says integer kernels only"
+    mb = {k: v / 2**20 for k, v in r56["size_bytes"].items()}
+    assert (f"On the test half ({r56['images']:,} JPEG images), one CPU thread: onnxruntime "
+            f"{r56['top1']['quantized_onnxruntime']:.2f} % top-1, dfmpc's simulation {r56['top1']['quantized_dfmpc']:.2f} %, "
+            f"the same class on {r56['agreement']['quantized']:.2f} % of the images") in README
+    integer = kernels["integer"]
+    assert (f"({integer['QLinearConv']} `QLinearConv`, {integer['QLinearAdd']} `QLinearAdd`, one `QGemm`), from a "
+            f"{mb['quantized']:.2f} MB file (fp32 ONNX: {mb['fp32']:.2f} MB)") in README and integer["QGemm"] == 1
