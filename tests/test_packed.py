@@ -265,3 +265,17 @@ def test_loading_leaves_the_given_model_alone(tmp_path):
     before = {k: v.clone() for k, v in fresh.state_dict().items()}
     loaded = load_quantized(path, model=fresh)
     assert loaded is not fresh and all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+
+
+def test_a_file_written_before_the_loader_was_rewritten_still_loads_bit_identically():
+    """tests/files holds a .dfmpc written by commit 854d1b4 (before the checked loader and the per-call method
+    record of issues 22-23): it loads, and its outputs are the ones that dfmpc computed when it saved it."""
+    import json
+    from pathlib import Path
+
+    files = Path(__file__).resolve().parent / "files"
+    expected = json.loads((files / "resnet20_dfmpc+_2-6_format1_854d1b4.json").read_text())
+    qmodel = dfmpc.load_quantized(files / "resnet20_dfmpc+_2-6_format1_854d1b4.dfmpc")
+    qmodel = qmodel[0] if isinstance(qmodel, tuple) else qmodel
+    out = qmodel(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
+    assert out.double().tolist() == [[float.fromhex(v) for v in row] for row in expected["logits_hex"]]
