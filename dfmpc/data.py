@@ -28,7 +28,7 @@ from .paths import DATASETS, default_data_dir, download_dir, repository_root, sh
 
 __all__ = ["SPLITS", "split_positions",
            "load_dataset", "data_folder", "download_dir", "default_data_dir", "shared_dir", "repository_root",
-           "ImageListDataset", "DATASETS"]
+           "ImageListDataset", "DATASETS", "data_record"]
 
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".webp")
 #: the halves of every evaluation set: name -> the parity of the positions it takes
@@ -214,3 +214,35 @@ def _cache(dataset: Dataset, key: str, progress: bool = True, skip_unreadable: b
     cached = TensorDataset(torch.stack(images), torch.tensor(labels))
     cached.skipped = skipped
     return cached
+
+
+def data_record(dataset: str, directory, available: int, used: int, images, seed: int, fallback,
+                split: str | None = None) -> dict:
+    """What a measurement was made on: the set, the folder, whether it is the lossy offline copy, how many images,
+    and which half (``split``: "dev", "test" or None for the whole set; see :mod:`dfmpc.data`); ``available``
+    counts the images of that half."""
+    shared = default_data_dir(dataset)
+    offline = bool(directory and shared and Path(directory).resolve() == shared.resolve())
+    jpeg = dataset == "imagenet" or bool(directory and Path(directory).is_dir() and any(Path(directory).rglob("*.jp*g")))
+    if offline and dataset == "cifar10":
+        desc = "offline copy of the CIFAR-10 test set, stored as JPEG quality 75 (lossy: about 10 points below " \
+               "published accuracies); for relative comparisons only"
+    elif offline and dataset == "imagenet":
+        desc = "offline subset of 1,300 ILSVRC2012 validation images (725 classes, pre-scaled to 227x227); easier " \
+               "than the full validation set (+6 to +7 points); for relative comparisons only"
+    elif dataset == "imagenet":
+        desc = "ImageNet validation images from a local folder"
+    else:
+        desc = f"{dataset} test set (torchvision files, lossless)" if not jpeg else f"{dataset} images from a local folder"
+    return {"dataset": dataset, "path": str(directory) if directory else None, "offline_copy": offline,
+            "jpeg": jpeg, "images": used, "available": available, "limit": images, "split": split or "all",
+            "selection": _selection(used, available, images, seed, split),
+            "comparable_to_paper": not offline and not (jpeg and dataset != "imagenet"),
+            "description": desc, "fallback": fallback}
+
+
+def _selection(used: int, available: int, images, seed: int, split: str | None) -> str:
+    if not split or split == "all":
+        return "all" if used >= available else f"random subset, seed {seed}"
+    half = {"dev": "development half (even positions)", "test": "test half (odd positions)"}[split]
+    return half if used >= available else f"random subset of the {half}, seed {seed}"

@@ -5,9 +5,8 @@ only in what they cache and in which rows they print or record."""
 from __future__ import annotations
 
 from .api import quantize
-from .data import data_folder, load_dataset
+from .data import data_folder, data_record, load_dataset
 from .evaluate import predict
-from .experiments.provenance import data_record
 
 __all__ = ["CACHE_LIMIT", "evaluation_data", "quantize_and_predict"]
 
@@ -18,7 +17,7 @@ def evaluation_data(dataset: str, spec, directory, images, seed: int, split: str
                     skip_unreadable: bool = False, fallback=None, cache: bool | None = None):
     """``images`` images of ``dataset``'s ``split`` half ("dev", "test"; None: the whole set; ``images`` None or
     "all": every image) from ``directory`` (None: the offline copy, else a download), preprocessed for ``spec``'s
-    model; and the record of what they are (:func:`dfmpc.experiments.provenance.data_record`, plus "in_memory" and,
+    model; and the record of what they are (:func:`dfmpc.data.data_record`, plus "in_memory" and,
     with ``skip_unreadable``, the files skipped). ``cache``: decode once and keep in memory (default: when at most
     :data:`CACHE_LIMIT` images); ``fallback``: why these are not the images asked for, if they are not."""
     load = dict(name=dataset, data_dir=directory, transform=spec.eval_transform(), progress=progress,

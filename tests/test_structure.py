@@ -41,3 +41,35 @@ def test_the_core_holds_no_experiment_code(path):
     imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     banned = {m for m in imported if {"experiments", "data", "evaluate", "models", "cli"} & set(m.split("."))}
     assert not banned, f"{path.relative_to(PACKAGE)} imports {banned}"
+
+
+def test_every_module_can_be_imported_first():
+    """Importing any module of the package first, in a fresh interpreter, works: no import cycle that only an
+    unlucky import order reveals (dfmpc.pipeline once imported dfmpc.experiments, whose session imports it back).
+    One interpreter imports torch and the other libraries, then forks a child per module."""
+    import subprocess
+    import sys
+    import textwrap
+
+    names = ["dfmpc." + ".".join(p.relative_to(PACKAGE).with_suffix("").parts).removesuffix(".__init__")
+             for p in MODULES]
+    script = textwrap.dedent("""
+        import os, sys, importlib
+        import torch, torchvision, numpy  # the heavy libraries once, before any fork
+        failed = []
+        for name in sys.argv[1:]:
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    importlib.import_module(name)
+                except BaseException as e:
+                    print(f"{name}: {type(e).__name__}: {e}", flush=True)
+                    os._exit(1)
+                os._exit(0)
+            if os.waitpid(pid, 0)[1] != 0:
+                failed.append(name)
+        sys.exit(1 if failed else 0)
+    """)
+    done = subprocess.run([sys.executable, "-c", script, *names], capture_output=True, text=True, timeout=600,
+                          cwd=PACKAGE.parent)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..data import default_data_dir
+from ..data import data_record  # data_record: re-exported, its home is dfmpc.data
 
 __all__ = ["device_name", "versions", "code_version", "RESULT_PATHS", "data_record", "collect_data_records",
            "relative_paths", "SHARED_PREFIX"]
@@ -66,38 +66,6 @@ def versions() -> dict:
         with contextlib.suppress(PackageNotFoundError):
             out[dist] = version(dist)
     return out
-
-
-def data_record(dataset: str, directory, available: int, used: int, images, seed: int, fallback,
-                split: str | None = None) -> dict:
-    """What a measurement was made on: the set, the folder, whether it is the lossy offline copy, how many images,
-    and which half (``split``: "dev", "test" or None for the whole set; see :mod:`dfmpc.data`); ``available``
-    counts the images of that half."""
-    shared = default_data_dir(dataset)
-    offline = bool(directory and shared and Path(directory).resolve() == shared.resolve())
-    jpeg = dataset == "imagenet" or bool(directory and Path(directory).is_dir() and any(Path(directory).rglob("*.jp*g")))
-    if offline and dataset == "cifar10":
-        desc = "offline copy of the CIFAR-10 test set, stored as JPEG quality 75 (lossy: about 10 points below " \
-               "published accuracies); for relative comparisons only"
-    elif offline and dataset == "imagenet":
-        desc = "offline subset of 1,300 ILSVRC2012 validation images (725 classes, pre-scaled to 227x227); easier " \
-               "than the full validation set (+6 to +7 points); for relative comparisons only"
-    elif dataset == "imagenet":
-        desc = "ImageNet validation images from a local folder"
-    else:
-        desc = f"{dataset} test set (torchvision files, lossless)" if not jpeg else f"{dataset} images from a local folder"
-    return {"dataset": dataset, "path": str(directory) if directory else None, "offline_copy": offline,
-            "jpeg": jpeg, "images": used, "available": available, "limit": images, "split": split or "all",
-            "selection": _selection(used, available, images, seed, split),
-            "comparable_to_paper": not offline and not (jpeg and dataset != "imagenet"),
-            "description": desc, "fallback": fallback}
-
-
-def _selection(used: int, available: int, images, seed: int, split: str | None) -> str:
-    if not split or split == "all":
-        return "all" if used >= available else f"random subset, seed {seed}"
-    half = {"dev": "development half (even positions)", "test": "test half (odd positions)"}[split]
-    return half if used >= available else f"random subset of the {half}, seed {seed}"
 
 
 def collect_data_records(obj, found: list | None = None) -> list:
