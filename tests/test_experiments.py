@@ -16,7 +16,7 @@ from dfmpc.cifar_resnet import CifarResNet
 from dfmpc.cli import main
 from dfmpc.errors import DfmpcError
 from dfmpc.evaluate import evaluate, predict
-from dfmpc.experiments import book, compare, measure, paper, table34
+from dfmpc.experiments import book, compare, deviations, measure, paper, table34
 from dfmpc.methods import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -403,6 +403,42 @@ def test_the_books_comparison_is_whole_and_consistent():
         assert model in compare.DEVELOPMENT_MODELS  # nothing is decided on the confirmation models
         assert compare.figure(data, model, bits, variant="dfmpc+", field="size_mb") == compare.figure(
             data, model, bits, "dfmpc+", "size_mb")
+
+
+def test_the_books_deviations_measure_each_competitor_at_its_authors_settings():
+    """book/data/deviations.json: the development half only; "ours" is exactly what the test-half table ran (the
+    settings of its row in compare.json), "the authors'" differs from it in the listed settings only."""
+    data = BOOK["deviations"]
+    res = data["results"]
+    assert data["settings"]["split"] == "dev" and [r["split"] for r in data["data"]] == ["dev"]
+    assert res["images"] == data["data"][0]["available"] == 5000
+    table = {(r["method"], r["bits"]): r["settings"] for r in BOOK["compare"]["results"]["rows"]
+             if r["model"] == res["model"]}
+    listed = {(e["method"], e["setting"]): e for e in deviations.DEVIATIONS}
+    assert {(d["method"], d["setting"]) for d in res["deviations"]} == set(listed)
+    for d in res["deviations"]:
+        for c in d["cells"]:
+            assert c["ours"]["settings"] == table[(d["method"], c["bits"])], (d["method"], c["bits"])
+            if listed[(d["method"], d["setting"])]["authors_settings"] is None:
+                assert c["authors"] is None
+                continue
+            changed = {k: v for k, v in c["authors"]["settings"].items() if c["ours"]["settings"][k] != v}
+            assert changed == d["authors_settings"], (d["method"], d["setting"], changed)
+    steps = [c["authors"]["settings"]["steps"] for d in res["deviations"] if d["setting"] == "distillation iterations"
+             for c in d["cells"]]
+    assert steps == [500] * len(res["bits"])  # the authors' distill_data.py
+
+
+def test_deviation_effects_call_a_difference_under_one_standard_error_a_tie():
+    def cell(top1):
+        return {"top1": top1, "top1_se": compare.standard_error(top1, 1000), "quantize_s": 0, "settings": {}}
+
+    data = {"results": {"deviations": [{"method": "m", "setting": "s", "why": "w", "cells": [
+        {"bits": "2/6", "ours": cell(50.0), "authors": cell(51.0), "dfmpc+": 60.0},    # SE 1.58: a tie
+        {"bits": "3/6", "ours": cell(50.0), "authors": cell(48.0), "dfmpc+": 60.0},    # -2.00: lower
+        {"bits": "4/6", "ours": cell(50.0), "authors": None, "dfmpc+": 60.0}]}]}}
+    assert [(e["bits"], e["word"]) for e in deviations.effects(data)] == [("2/6", "tie"), ("3/6", "lower")]
+    assert "a tie: +1.00 points" in deviations.summary(data)[0] and "lower: -2.00" in deviations.summary(data)[0]
 
 
 def test_dfmpc_plus_defaults_survive_the_ablations_decision_rule():
