@@ -23,7 +23,7 @@ def quantize(model: nn.Module, bits="2/6", method: str = "dfmpc", act_bits=None,
             ``keep_fp32`` (layer names, "first", "last"), ``pairs``, ``inplace``.
         act_bits: also quantize the activations to this many bits (2 to 8; None: fp32 activations, the paper's
             setting), per tensor and asymmetric, with ranges from the BatchNorm statistics
-            (:mod:`dfmpc.activations`); the result is then a ``torch.fx.GraphModule`` and ``report.activations``
+            (``dfmpc.activations``); the result is then a ``torch.fx.GraphModule`` and ``report.activations``
             lists every quantized tensor with its range; ``report.weights_model`` is the model before its activations
             were quantized, the one :func:`dfmpc.save_quantized` writes. ``act_rule``: "dfq" (beta +- 6 gamma, DFQ) or "mse".
             ``act_input_range``: (low, high) of the network's input (default: pixels in [0, 1] normalized by the

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dfmpc.experiments import compare, load_result, verdict
+from dfmpc.experiments import compare, deviations, load_result, verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPARE = load_result("compare", ROOT / "book" / "data")
@@ -68,6 +68,16 @@ def test_the_readme_main_command_quotes_its_committed_result():
     assert (f"that is {saved['bytes']:,} bytes ({saved['bytes'] / 2**20:.2f} MB), against "
             f"{rows['dfmpc+']['size_mb']:.2f} MB in the report") in README
     assert f"and {rows['fp32']['size_mb']:.2f} MB in full precision" in README
+
+
+def test_the_readme_quotes_zeroqs_deviation_from_its_authors():
+    """The README's sentence on ZeroQ's distillation budget, against book/data/deviations.json."""
+    data = load_result("deviations", ROOT / "book" / "data")
+    effect = {e["bits"]: e for e in deviations.effects(data) if e["setting"] == "distillation iterations"}
+    two = effect["2/6"]
+    assert (f"the 500 give it {two['delta']:.2f} more points at 2/6 ({two['authors']:.2f} % against {two['ours']:.2f} %; "
+            f"`dfmpc+` {two['dfmpc+']:.2f} %) and nothing measurable at 3/6 and 4/6") in README
+    assert two["word"] == "higher" and effect["3/6"]["word"] == effect["4/6"]["word"] == "tie"
 
 
 def test_the_readme_verdict_quotes_the_comparison():

@@ -96,10 +96,9 @@ def run(session, cfg: dict) -> dict:
 
 
 def rows(data: dict) -> tuple[list[str], list[list[str]]]:
-    """The chapter's table: one row per difference, the effect (authors' minus ours, in points) at each bits."""
+    """The chapter's table: one row per difference; at each bits "ours / the authors' (dfmpc+)", top-1 %."""
     res = data["results"]
-    header = ["method", "setting", "the authors'", "ours", "why"] + [
-        f"{b}: ours / authors' (dfmpc+)" for b in res["bits"]]
+    header = ["method", "setting", "the authors'", "ours", "why"] + [f"top-1 % at {b}" for b in res["bits"]]
     out = []
     for d in res["deviations"]:
         cells = []
