@@ -55,7 +55,7 @@ from .errors import DfmpcError
 from .numerics import check_bit_width, divide_where_positive, per_row
 from .quantizers import QuantizedTensor, ternary_quantize, uniform_grid_position, uniform_quantize
 
-__all__ = ["CHUNK", "squant_round", "squant_quantize", "grid_position"]
+__all__ = ["CHUNK", "squant_round", "squant_quantize", "grid_position", "squant_reference_grid"]
 
 CHUNK = 2**22  # weights rounded at a time (whole output channels); only bounds the memory, the result is the same
 
@@ -189,3 +189,29 @@ def squant_quantize(w: torch.Tensor, bits: int, granularity: str = "channel", sq
     lo, hi = (-1, 1) if bits == 2 else (0, 2**bits - 1)
     codes = squant_round(x, lo, hi, start=base.codes, squant_k=squant_k, squant_c=squant_c)
     return QuantizedTensor(codes=codes.to(base.codes.dtype), scale=base.scale, bits=bits, granularity=granularity)
+
+
+def squant_reference_grid(w: torch.Tensor, bits: int, squant_k: bool = True, squant_c: bool = True) -> torch.Tensor:
+    """The weights SQuant gives on its reference code's grid, at k >= 3 bits, dequantized (float, shaped as ``w``).
+
+    The grid is ZeroQ's asymmetric quantizer, per output channel: step ``(max - min) / n`` with ``n = 2^k - 1``
+    (min and max of the channel's weights), levels ``step * (offset + c)`` for codes ``c = 0..n`` and the integer
+    ``offset = round(min / step)`` (so zero is a level). SQuant's flips (:func:`squant_round`) act on the
+    weight's position ``w / step - offset`` in that grid. With ``squant_k=squant_c=False`` this is their
+    round to nearest. Only for measuring that grid against ours (``dfmpc experiments deviations``): the
+    project's codes, its file format and its ONNX export are symmetric, without a zero point.
+    """
+    check_bit_width(bits)
+    if bits < 3:
+        raise DfmpcError(f"squant_reference_grid is for 3 to 8 bits (the reference has no ternary grid), got {bits}")
+    if not torch.is_tensor(w) or w.dim() < 2:
+        raise DfmpcError("squant_reference_grid needs a weight tensor of at least 2 dims [out, in, ...]")
+    n = 2**bits - 1
+    rows = w.detach().double().reshape(len(w), -1)
+    low, high = rows.min(1).values, rows.max(1).values
+    step = ((high - low) / n).clamp(min=1e-12)
+    offset = torch.round(low / step)
+    shape = (-1,) + (1,) * (w.dim() - 1)
+    x = w.detach().double() / step.view(shape) - offset.view(shape)
+    codes = squant_round(x, 0, n, squant_k=squant_k, squant_c=squant_c)
+    return ((codes.double() + offset.view(shape)) * step.view(shape)).to(w.dtype)

@@ -12,6 +12,7 @@ from dfmpc.errors import DfmpcError
 from dfmpc.methods import METHODS
 from dfmpc.methods.squant import SQuant, grid_position, squant_quantize, squant_round
 from dfmpc.quantizers import quantize_weight
+from dfmpc.rounding import squant_reference_grid
 
 GRIDS = {2: (-1, 1), 3: (0, 7), 4: (0, 15), 6: (0, 63)}
 SHAPES = [(4, 5, 3, 3), (3, 2, 1, 5), (6, 1, 3, 3), (5, 7), (2, 3, 1, 1)]  # conv, odd kernel, depthwise, linear, 1x1
@@ -258,3 +259,46 @@ def test_squant_agrees_with_fp32_at_least_as_often_as_per_channel_on_resnet20(sh
         agreement = {name: (cls("4/6").apply(model)[0](x).argmax(1) == ref).float().mean().item()
                      for name, cls in [("squant", SQuant), ("per-channel", METHODS["per-channel"])]}
     assert agreement["squant"] >= agreement["per-channel"], agreement
+
+
+# ------------------------------------------------------------------------------------- the reference's grid
+
+def _reference_round_to_nearest(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """The authors' weight quantizer as their code writes it (ZeroQ's asymmetric_linear_quantization_params with a
+    signed, integral zero point, per output channel; linear_quantize, clamp, linear_dequantize)."""
+    n = 2**bits - 1
+    flat = w.double().reshape(len(w), -1)
+    shape = (-1,) + (1,) * (w.dim() - 1)
+    low, high = flat.min(1).values.view(shape), flat.max(1).values.view(shape)
+    scale = n / torch.clamp(high - low, min=1e-8)
+    zero_point = torch.round(scale * low) + 2**(bits - 1)
+    q = torch.clamp(torch.round(scale * w.double() - zero_point), -2**(bits - 1), 2**(bits - 1) - 1)
+    return ((q + zero_point) / scale).to(w.dtype)
+
+
+@pytest.mark.parametrize("bits", [3, 4, 6, 8])
+def test_the_reference_grid_is_the_authors_quantizer_and_squant_flips_on_it(bits):
+    torch.manual_seed(bits)
+    w = torch.randn(16, 8, 3, 3) * 0.1 + 0.02
+    w[0, 0, 0, 0] = 0.0
+    nearest = squant_reference_grid(w, bits, squant_k=False, squant_c=False)
+    torch.testing.assert_close(nearest, _reference_round_to_nearest(w, bits), rtol=1e-6, atol=1e-7)
+    assert nearest[0, 0, 0, 0] == 0.0  # zero is a level of the asymmetric grid
+    flipped = squant_reference_grid(w, bits)
+    flat = w.double().reshape(len(w), -1)
+    step = ((flat.max(1).values - flat.min(1).values) / (2**bits - 1)).view(-1, 1, 1, 1)
+    offset = torch.round(flat.min(1).values.view(-1, 1, 1, 1) / step)
+    # errors in grid units, from the position clipped to the grid (the extreme weights can lie up to half a step
+    # outside it, as the integer offset moves the grid)
+    position = (w.double() / step - offset).clamp(0, 2**bits - 1)
+    error = flipped.double() / step - offset - position
+    tol = 1e-4  # float32 weights, positions up to 2^8
+    assert error.abs().max() < 1 + tol  # every code the floor or the ceiling of its weight
+    assert error.sum(dim=(1, 2, 3)).abs().max() <= 0.5 + tol  # SQuant-C: every channel's error sum
+    assert error.sum(dim=(2, 3)).abs().max() <= 1 + tol  # SQuant-K, then at most one flip per kernel in C
+    assert not torch.equal(flipped, nearest)
+
+
+def test_the_reference_grid_has_no_ternary_mode():
+    with pytest.raises(DfmpcError, match="3 to 8 bits"):
+        squant_reference_grid(torch.randn(4, 4, 3, 3), 2)

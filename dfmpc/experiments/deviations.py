@@ -6,12 +6,19 @@ development half of the CIFAR-10 test set: no figure here can inform the test-ha
 and once with the authors', at each of ``bits``, and records both top-1 accuracies with their standard error.
 dfmpc+ on the same images is recorded beside them, so the reader sees whether a difference could change who leads.
 
-An entry whose authors' setting our code cannot express (SQuant's asymmetric grid: our codes and the file format are
-symmetric) is listed with ``"authors_settings": None`` and reported as not measured.
+An entry whose authors' choice is not a setting of our method (SQuant's asymmetric grid: our codes and the file
+format are symmetric) has ``"authors_settings": None`` and ``"authors_weights"``: the method's quantized model with
+the weight of every 3- to 8-bit layer replaced by :func:`dfmpc.rounding.squant_reference_grid` of its
+full-precision weight, evaluated on the same images (a simulation: it cannot be saved).
 """
 from __future__ import annotations
 
+import copy
+import time
+
+from ..evaluate import predict
 from ..methods import settings_for_model
+from ..rounding import squant_reference_grid
 from .compare import standard_error
 
 __all__ = ["NAME", "TITLE", "BOOK_PRESET", "SETTINGS", "DEVIATIONS", "run", "rows", "effects", "summary"]
@@ -45,10 +52,11 @@ DEVIATIONS = [
             "measured stronger: see its effect)",
      "authors_settings": {"granularity": "tensor"}},
     {"method": "squant", "setting": "grid",
-     "authors": "asymmetric per-channel min/max grid (their reference code)", "ours": "symmetric max-|w| grid",
-     "why": "our codes, the .dfmpc format and the ONNX export are symmetric; an asymmetric grid needs a zero point "
-            "per channel, not implemented yet",
-     "authors_settings": None},
+     "authors": "asymmetric per-channel min/max grid with an integer zero point (their reference code)",
+     "ours": "symmetric max-|w| grid",
+     "why": "our codes, the .dfmpc format and the ONNX export are symmetric, without a zero point; the 2-bit layers "
+            "are ternary in both runs (the reference has no ternary grid)",
+     "authors_settings": None, "authors_weights": "squant_reference_grid"},
 ]
 
 
@@ -56,6 +64,23 @@ def _settings(entry: dict, cfg: dict) -> dict | None:
     if entry["authors_settings"] is None:
         return None
     return {k: cfg[v] if v == "zeroq_steps" else v for k, v in entry["authors_settings"].items()}
+
+
+def _on_reference_grid(session, name: str, bits: str, settings: dict, images, split) -> dict:
+    """Top-1 of SQuant's model with every 3- to 8-bit weight flip-rounded on the reference's grid instead of ours."""
+    model, spec = session.model(name)
+    quantized, report = session.quantized(name, "squant", bits, **settings)
+    start = time.perf_counter()
+    net = copy.deepcopy(quantized)
+    full, layers = dict(model.named_modules()), dict(net.named_modules())
+    for layer in report.layers:
+        if layer.role != "fp32" and 3 <= layer.bits <= 8:
+            layers[layer.name].weight.data = squant_reference_grid(full[layer.name].weight.data, layer.bits)
+    seconds = time.perf_counter() - start
+    data, _ = session.data(spec.dataset, spec, images, split)
+    top1 = predict(net, data, device=session.device, batch_size=128).top1_accuracy()
+    return {"top1": top1, "top1_se": standard_error(top1, len(data)), "quantize_s": report.seconds + seconds,
+            "settings": {k: v for k, v in report.settings.items() if k != "keep_fp32"}}
 
 
 def run(session, cfg: dict) -> dict:
@@ -87,9 +112,16 @@ def run(session, cfg: dict) -> dict:
         authors = _settings(entry, cfg)
         row = {k: v for k, v in entry.items() if k != "authors_settings"}
         row["authors_settings"] = authors
-        row["cells"] = [{"bits": b, "ours": cell(f"{entry['method']} ours {b}"),
-                         "authors": None if authors is None else cell(f"{entry['method']} {entry['setting']} authors {b}"),
-                         "dfmpc+": cell(f"dfmpc+ {b}")["top1"]} for b in cfg["bits"]]
+        row["cells"] = []
+        for b in cfg["bits"]:
+            if authors is not None:
+                theirs = cell(f"{entry['method']} {entry['setting']} authors {b}")
+            elif entry.get("authors_weights") == "squant_reference_grid":
+                theirs = _on_reference_grid(session, name, b, base[entry["method"]], images, split)
+            else:
+                theirs = None
+            row["cells"].append({"bits": b, "ours": cell(f"{entry['method']} ours {b}"), "authors": theirs,
+                                 "dfmpc+": cell(f"dfmpc+ {b}")["top1"]})
         out.append(row)
     return {"model": name, "weights": measured["weights"], "data": measured["data"], "images": n,
             "fp32": res["fp32"]["top1"], "bits": cfg["bits"], "deviations": out}
