@@ -210,8 +210,7 @@ def squant_reference_grid(w: torch.Tensor, bits: int, squant_k: bool = True, squ
     rows = w.detach().double().reshape(len(w), -1)
     low, high = rows.min(1).values, rows.max(1).values
     step = ((high - low) / n).clamp(min=1e-12)
-    offset = torch.round(low / step)
-    shape = (-1,) + (1,) * (w.dim() - 1)
-    x = w.detach().double() / step.view(shape) - offset.view(shape)
+    step, offset = per_row(step, w.dim()), per_row(torch.round(low / step), w.dim())
+    x = w.detach().double() / step - offset
     codes = squant_round(x, 0, n, squant_k=squant_k, squant_c=squant_c)
-    return ((codes.double() + offset.view(shape)) * step.view(shape)).to(w.dtype)
+    return ((codes.double() + offset) * step).to(w.dtype)

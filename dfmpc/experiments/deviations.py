@@ -86,15 +86,14 @@ def _on_reference_grid(session, name: str, bits: str, settings: dict, images, sp
 def run(session, cfg: dict) -> dict:
     name, images, split = cfg["model"], cfg["images"], cfg["split"]
     _, spec = session.model(name)
-    base = {}
+    base = {entry["method"]: settings_for_model(entry["method"], spec) for entry in DEVIATIONS}
+    authors_of = [_settings(entry, cfg) for entry in DEVIATIONS]
     variants = []
     for b in cfg["bits"]:
         variants.append((f"dfmpc+ {b}", "dfmpc+", b, {}))
-        for entry in DEVIATIONS:
+        for entry, authors in zip(DEVIATIONS, authors_of):
             method = entry["method"]
-            base[method] = settings_for_model(method, spec)
             variants.append((f"{method} ours {b}", method, b, base[method]))
-            authors = _settings(entry, cfg)
             if authors is not None:
                 variants.append((f"{method} {entry['setting']} authors {b}", method, b, {**base[method], **authors}))
     unique = list({label: (label, m, b, s) for label, m, b, s in variants}.values())
@@ -108,8 +107,7 @@ def run(session, cfg: dict) -> dict:
                 "settings": r["settings"]}
 
     out = []
-    for entry in DEVIATIONS:
-        authors = _settings(entry, cfg)
+    for entry, authors in zip(DEVIATIONS, authors_of):
         row = {k: v for k, v in entry.items() if k != "authors_settings"}
         row["authors_settings"] = authors
         row["cells"] = []
@@ -163,9 +161,9 @@ def effects(data: dict) -> list[dict]:
 
 def summary(data: dict) -> list[str]:
     """One sentence per measured difference, written from the result."""
-    sentences = []
+    sentences, measured = [], effects(data)
     for d in data["results"]["deviations"]:
-        cells = [e for e in effects(data) if (e["method"], e["setting"]) == (d["method"], d["setting"])]
+        cells = [e for e in measured if (e["method"], e["setting"]) == (d["method"], d["setting"])]
         if not cells:
             sentences.append(f"{d['method']} ({d['setting']}): the authors' setting is not measured ({d['why']}).")
             continue
