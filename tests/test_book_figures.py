@@ -78,6 +78,7 @@ def test_the_readme_quotes_zeroqs_deviation_from_its_authors():
     assert (f"the 500 give it {two['delta']:.2f} more points at 2/6 ({two['authors']:.2f} % against {two['ours']:.2f} %; "
             f"`dfmpc+` {two['dfmpc+']:.2f} %) and nothing measurable at 3/6 and 4/6") in README
     assert two["word"] == "higher" and effect["3/6"]["word"] == effect["4/6"]["word"] == "tie"
+    assert two["authors"] - two["dfmpc+"] > two["se"]  # "not over its authors'": full-strength ZeroQ leads there
 
 
 def test_the_readme_verdict_quotes_the_comparison():
