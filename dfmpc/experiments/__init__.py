@@ -19,7 +19,23 @@ of :data:`BOOK_PRESETS`; ``dfmpc experiments --book`` regenerates all of them. T
 relative comparisons only: JPEG costs the CIFAR-10 models about ten points, and the ImageNet subset is
 easier than the full validation set.
 """
-from . import baselines, compare, coverage, deviations, diagnosis, engine, fig3, fig4, fig5, table1, table2, table34, timing, wa
+from . import (
+               baselines,
+               compare,
+               coverage,
+               deviations,
+               diagnosis,
+               engine,
+               fig3,
+               fig4,
+               fig5,
+               table1,
+               table2,
+               table34,
+               timing,
+               wa,
+               zeroq_authors,
+)
 from .book import book_data_dir, data_label, describe, load_result, md_table
 from .runner import SCHEMA, run_experiment, run_experiments, settings_for
 from .session import PRESETS, Session
@@ -28,7 +44,7 @@ __all__ = ["EXPERIMENTS", "GROUPS", "BOOK_PRESETS", "BOOK_OVERRIDES", "PRESETS",
            "run_experiments", "settings_for", "load_result", "book_data_dir", "describe", "data_label", "md_table"]
 
 EXPERIMENTS = {m.NAME: m for m in (table1, table2, table34, fig3, fig4, fig5, timing, diagnosis, compare, baselines,
-                                   deviations, coverage, wa, engine)}
+                                   deviations, coverage, wa, engine, zeroq_authors)}
 
 #: Experiments that share models and images run in the same process; two processes fill two cores.
 #: (An experiment in no group runs in a process of its own.)
