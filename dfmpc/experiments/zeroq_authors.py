@@ -12,7 +12,7 @@ Nothing here decides anything: it runs once, with the final defaults, on the tes
 from __future__ import annotations
 
 from ..evaluate import predict
-from ..methods import settings_for_model
+from ..methods import METHODS, settings_for_model
 from .compare import _evaluation_set, _row, _scores
 
 __all__ = ["NAME", "TITLE", "BOOK_PRESET", "SETTINGS", "AUTHORS", "run", "cells"]
@@ -35,14 +35,17 @@ def run(session, cfg: dict) -> dict:
     from tqdm import tqdm
 
     distillation = {"steps": cfg["zeroq_steps"], "images": cfg["zeroq_batch"]}  # ZeroQ's settings of that name
-    out = {"bits": list(cfg["bits"]), "zeroq_distillation": distillation, "models": [], "rows": []}
+    # laid out as the comparison's result, so that its views (:func:`.compare.pivot`, :mod:`.verdict`) read it
+    out = {"bits": list(cfg["bits"]), "zeroq_distillation": distillation, "models": [], "rows": [],
+           "methods": {m: METHODS[m].description for m in ("dfmpc+", "zeroq")}}
     with tqdm(total=len(cfg["models"]) * len(cfg["bits"]) * 2, desc=NAME, unit="run", disable=not session.progress,
               leave=False) as bar:
         for name in cfg["models"]:
             _, spec = session.model(name)
             dataset, fp, record, labelled = _evaluation_set(session, name, spec, cfg["images"], cfg["split"])
-            out["models"].append({"model": name, "dataset": dataset, "data": record, "images": record["images"],
-                                  "fp32": fp.scores()["top1"] if labelled else None})
+            out["models"].append({"model": name, "dataset": dataset, "weights": spec.weights, "data": record,
+                                  "images": record["images"], "metric": "top1" if labelled else "agreement_with_fp32",
+                                  "fp32": _scores(fp, labelled)})
             for b in cfg["bits"]:
                 bar.set_postfix_str(f"{name} {b} dfmpc+")
                 out["rows"].append(_row(session, name, dataset, cfg["images"], cfg["split"], "dfmpc+", b, fp, labelled,
