@@ -430,6 +430,37 @@ def test_the_books_deviations_measure_each_competitor_at_its_authors_settings():
     assert steps == [500] * len(res["bits"])  # the authors' distill_data.py
 
 
+def test_the_books_full_strength_zeroq_differs_from_the_table_only_in_its_distillation():
+    """book/data/zeroq_authors.json: the test half of models of the table with labelled test images; ZeroQ's
+    settings are those of its row in compare.json but for the authors' 500 iterations on 32 images; dfmpc+ (the
+    same code, the same images) gives the table's figures exactly."""
+    from dfmpc.experiments import zeroq_authors
+
+    res = BOOK["zeroq_authors"]["results"]
+    table = BOOK["compare"]["results"]
+    models = BOOK["zeroq_authors"]["settings"]["models"]
+    labelled = {e["model"]: e for e in table["models"] if e["metric"] == "top1"}
+    assert [e["model"] for e in res["models"]] == models and set(models) <= set(labelled)
+    assert res["bits"] == ["2/6", "3/6", "4/6"]
+    for entry in res["models"]:
+        ref = labelled[entry["model"]]
+        assert entry["data"] == ref["data"] and entry["data"]["split"] == "test"
+        assert [entry["fp32"][k] for k in ("top1", "top5", "images")] == [ref["fp32"][k] for k in ("top1", "top5", "images")]
+    assert sorted((r["model"], r["bits"], r["method"]) for r in res["rows"]) == sorted(
+        itertools.product(models, res["bits"], ("dfmpc+", "zeroq")))
+    rows = {(r["model"], r["bits"], r["method"]): r for r in table["rows"]}
+    for r in res["rows"]:
+        ref = rows[(r["model"], r["bits"], r["method"])]
+        if r["method"] == "dfmpc+":
+            assert (r["top1"], r["settings"]) == (ref["top1"], ref["settings"]), (r["model"], r["bits"])
+        else:
+            changed = {k: v for k, v in r["settings"].items() if ref["settings"][k] != v}
+            assert changed == {"steps": 500, "images": 32} == {"steps": zeroq_authors.AUTHORS["zeroq_steps"],
+                                                                "images": zeroq_authors.AUTHORS["zeroq_batch"]}
+    header, cells = zeroq_authors.rows(BOOK["zeroq_authors"], BOOK["compare"])
+    assert len(cells) == len(models) * 3 and all(len(c) == len(header) for c in cells)
+
+
 def test_deviation_effects_call_a_difference_under_one_standard_error_a_tie():
     def cell(top1):
         return {"top1": top1, "top1_se": compare.standard_error(top1, 1000), "quantize_s": 0, "settings": {}}
