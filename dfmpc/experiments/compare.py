@@ -21,8 +21,8 @@ from ..plan import parse_bits
 from ..size import fp32_size_mb
 
 __all__ = ["NAME", "TITLE", "BOOK_PRESET", "SETTINGS", "ABLATION", "DEVELOPMENT_MODELS", "DECISION_RULE",
-           "PENDING_ADOPTION", "ablation_decisions", "standard_error", "run", "pivot", "figure", "format_table",
-           "format_ablation"]
+           "PENDING_ADOPTION", "ablation_decisions", "standard_error", "accuracy_scores", "measured_row", "evaluation_set",
+           "run", "pivot", "figure", "format_table", "format_ablation"]
 
 NAME = "compare"
 TITLE = "Comparison: every method x bit width x model"
@@ -65,7 +65,7 @@ def standard_error(percent: float | None, images: int) -> float | None:
     return 100 * (p * (1 - p) / images) ** 0.5
 
 
-def _scores(pred, labelled: bool) -> dict:
+def accuracy_scores(pred, labelled: bool) -> dict:
     """top-1, top-5 and loss where the labels are the model's classes; None where they are not (agreement only);
     with the standard error of the top-1."""
     if not labelled:
@@ -74,15 +74,18 @@ def _scores(pred, labelled: bool) -> dict:
     return {**scores, "top1_se": standard_error(scores["top1"], len(pred))}
 
 
-def _row(session, model: str, dataset: str, images, split, method: str, bits: str, fp, labelled: bool,
-         **settings) -> dict:
+def measured_row(session, model: str, dataset: str, images, split, method: str, bits: str, fp, labelled: bool,
+                 **settings) -> dict:
+    """One row of the table: ``method`` at ``bits`` with ``settings`` on ``images`` images of the ``split`` half,
+    its scores (:func:`accuracy_scores`), agreement with the fp32 predictions ``fp``, size and seconds."""
     pred, _ = session.predict(model, dataset, images, method, bits, split, **settings)
     _, report = session.quantized(model, method, bits, **settings)
-    return {"model": model, "method": method, "bits": bits, **_scores(pred, labelled), "agreement_with_fp32": pred.agreement(fp),
-            "size_mb": report.size_mb, "quantize_seconds": report.seconds, "settings": report.settings}
+    return {"model": model, "method": method, "bits": bits, **accuracy_scores(pred, labelled),
+            "agreement_with_fp32": pred.agreement(fp), "size_mb": report.size_mb, "quantize_seconds": report.seconds,
+            "settings": report.settings}
 
 
-def _evaluation_set(session, name: str, spec, images, split):
+def evaluation_set(session, name: str, spec, images, split):
     """(dataset, fp32 predictions, record, labelled): the ``split`` half of the model's own test set, or -- for a
     CIFAR-100 model without one offline -- of the CIFAR-10 test images, where only agreement with fp32 means
     anything."""
@@ -119,24 +122,24 @@ def run(session, cfg: dict) -> dict:
     with tqdm(total=total, desc="compare", unit="run", disable=not session.progress, leave=False) as bar:
         for name in cfg["models"]:
             model, spec = session.model(name)
-            dataset, fp, record, labelled = _evaluation_set(session, name, spec, cfg["images"], split)
+            dataset, fp, record, labelled = evaluation_set(session, name, spec, cfg["images"], split)
             out["models"].append({"model": name, "dataset": dataset, "weights": spec.weights, "data": record,
                                   "images": record["images"], "metric": "top1" if labelled else "agreement_with_fp32",
-                                  "fp32": {**_scores(fp, labelled), "size_mb": fp32_size_mb(model)}})
+                                  "fp32": {**accuracy_scores(fp, labelled), "size_mb": fp32_size_mb(model)}})
             bar.update(1)
             for b in bits:
                 for method in methods:
                     bar.set_postfix_str(f"{name} {b} {method}")
-                    out["rows"].append(_row(session, name, dataset, cfg["images"], split, method, b, fp, labelled,
+                    out["rows"].append(measured_row(session, name, dataset, cfg["images"], split, method, b, fp, labelled,
                                             **settings_for_model(method, spec)))
                     bar.update(1)
             if name in ablation_models:
                 dev_fp, dev_record = session.predict(name, dataset, ablation_images, split=ablation_split)
-                out["ablation_fp32"].append({"model": name, "data": dev_record, **_scores(dev_fp, labelled)})
+                out["ablation_fp32"].append({"model": name, "data": dev_record, **accuracy_scores(dev_fp, labelled)})
             for b in ablation_bits if name in ablation_models else ():
                 for label, settings in ABLATION.items():
                     bar.set_postfix_str(f"{name} {b} ablation: {label}")
-                    row = _row(session, name, dataset, ablation_images, ablation_split, "dfmpc+", b, dev_fp, labelled,
+                    row = measured_row(session, name, dataset, ablation_images, ablation_split, "dfmpc+", b, dev_fp, labelled,
                                **settings)
                     out["ablation"].append({"variant": label, **row})
                     bar.update(1)

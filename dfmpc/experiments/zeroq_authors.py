@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from ..evaluate import predict
 from ..methods import METHODS, settings_for_model
-from .compare import _evaluation_set, _row, _scores, figure
+from .compare import accuracy_scores, evaluation_set, figure, measured_row
 from .verdict import MODEL_LABELS, standing
 
 __all__ = ["NAME", "TITLE", "BOOK_PRESET", "SETTINGS", "AUTHORS", "run", "cells", "rows"]
@@ -45,13 +45,13 @@ def run(session, cfg: dict) -> dict:
               leave=False) as bar:
         for name in cfg["models"]:
             _, spec = session.model(name)
-            dataset, fp, record, labelled = _evaluation_set(session, name, spec, cfg["images"], cfg["split"])
+            dataset, fp, record, labelled = evaluation_set(session, name, spec, cfg["images"], cfg["split"])
             out["models"].append({"model": name, "dataset": dataset, "weights": spec.weights, "data": record,
                                   "images": record["images"], "metric": "top1" if labelled else "agreement_with_fp32",
-                                  "fp32": _scores(fp, labelled)})
+                                  "fp32": accuracy_scores(fp, labelled)})
             for b in cfg["bits"]:
                 bar.set_postfix_str(f"{name} {b} dfmpc+")
-                out["rows"].append(_row(session, name, dataset, cfg["images"], cfg["split"], "dfmpc+", b, fp, labelled,
+                out["rows"].append(measured_row(session, name, dataset, cfg["images"], cfg["split"], "dfmpc+", b, fp, labelled,
                                         **settings_for_model("dfmpc+", spec)))
                 bar.update(1)
                 bar.set_postfix_str(f"{name} {b} zeroq")
@@ -62,14 +62,14 @@ def run(session, cfg: dict) -> dict:
 
 
 def _zeroq_row(session, name: str, dataset: str, cfg: dict, bits: str, fp, labelled: bool, settings: dict) -> dict:
-    """:func:`.compare._row` for ZeroQ with its own ``images`` setting (the number of distilled images), which the
+    """:func:`.compare.measured_row` for ZeroQ with its own ``images`` setting (the number of distilled images), which the
     session's ``predict`` would take for the number of evaluation images."""
     net, report = session.quantized(name, "zeroq", bits, **settings)
     model, spec = session.model(name)
     data, _ = session.data(dataset, spec, cfg["images"], cfg["split"])
     pred = predict(net, data, device=session.device, batch_size=session.batch_size or (50 if dataset == "imagenet" else 128),
                    progress=session.progress, desc=f"{name} zeroq {bits}")
-    return {"model": name, "method": "zeroq", "bits": bits, **_scores(pred, labelled),
+    return {"model": name, "method": "zeroq", "bits": bits, **accuracy_scores(pred, labelled),
             "agreement_with_fp32": pred.agreement(fp), "size_mb": report.size_mb,
             "quantize_seconds": report.seconds, "settings": report.settings}
 
