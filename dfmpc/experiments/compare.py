@@ -75,10 +75,10 @@ def accuracy_scores(pred, labelled: bool) -> dict:
 
 
 def measured_row(session, model: str, dataset: str, images, split, method: str, bits: str, fp, labelled: bool,
-                 **settings) -> dict:
+                 settings: dict) -> dict:
     """One row of the table: ``method`` at ``bits`` with ``settings`` on ``images`` images of the ``split`` half,
     its scores (:func:`accuracy_scores`), agreement with the fp32 predictions ``fp``, size and seconds."""
-    pred, _ = session.predict(model, dataset, images, method, bits, split, **settings)
+    pred, _ = session.predict(model, dataset, images, method, bits, split, settings)
     _, report = session.quantized(model, method, bits, **settings)
     return {"model": model, "method": method, "bits": bits, **accuracy_scores(pred, labelled),
             "agreement_with_fp32": pred.agreement(fp), "size_mb": report.size_mb, "quantize_seconds": report.seconds,
@@ -130,8 +130,8 @@ def run(session, cfg: dict) -> dict:
             for b in bits:
                 for method in methods:
                     bar.set_postfix_str(f"{name} {b} {method}")
-                    out["rows"].append(measured_row(session, name, dataset, cfg["images"], split, method, b, fp, labelled,
-                                            **settings_for_model(method, spec)))
+                    out["rows"].append(measured_row(session, name, dataset, cfg["images"], split, method, b, fp,
+                                                    labelled, settings_for_model(method, spec)))
                     bar.update(1)
             if name in ablation_models:
                 dev_fp, dev_record = session.predict(name, dataset, ablation_images, split=ablation_split)
@@ -139,8 +139,8 @@ def run(session, cfg: dict) -> dict:
             for b in ablation_bits if name in ablation_models else ():
                 for label, settings in ABLATION.items():
                     bar.set_postfix_str(f"{name} {b} ablation: {label}")
-                    row = measured_row(session, name, dataset, ablation_images, ablation_split, "dfmpc+", b, dev_fp, labelled,
-                               **settings)
+                    row = measured_row(session, name, dataset, ablation_images, ablation_split, "dfmpc+", b, dev_fp,
+                                       labelled, settings)
                     out["ablation"].append({"variant": label, **row})
                     bar.update(1)
     return out

@@ -100,7 +100,8 @@ def run(session, cfg: dict) -> dict:
         keep = tuple(n for n in names if n not in (p.low, p.high))
         row = {"low": p.low, "high": p.high}
         for method, settings in (("original", {}), ("dfmpc", dict(DFMPC_SETTINGS))):
-            pred, _ = session.predict(name, "cifar10", cfg["pair_images"], method, bits, keep_fp32=keep, **settings)
+            pred, _ = session.predict(name, "cifar10", cfg["pair_images"], method, bits,
+                                      settings={"keep_fp32": keep, **settings})
             q, report = session.quantized(name, method, bits, keep_fp32=keep, **settings)
             errs = {r["name"]: r for r in feature_errors(model, q, err_images, device=session.device)}
             row[method] = {"top1": pred.top1_accuracy(), "agreement_with_fp32": pred.agreement(fp),
@@ -118,8 +119,8 @@ def run(session, cfg: dict) -> dict:
         for bits in cfg["sweep_bits"]:
             row = {"granularity": gran, "bits": bits}
             for method, settings in (("original", {}), ("dfmpc", dict(DFMPC_SETTINGS))):
-                pred, sweep_record = session.predict(name, "cifar10", cfg["sweep_images"], method, bits, granularity=gran,
-                                                 **settings)
+                pred, sweep_record = session.predict(name, "cifar10", cfg["sweep_images"], method, bits,
+                                                     settings={"granularity": gran, **settings})
                 _, report = session.quantized(name, method, bits, granularity=gran, **settings)
                 row[method] = {"top1": pred.top1_accuracy(), "size_mb": report.size_mb, **c_summary(report)}
             sweep.append(row)
@@ -169,7 +170,7 @@ def _placement(session, cfg: dict) -> dict:
                 pred = predict(compensation_before_batch_norm(original_q, report), data, device=session.device,
                                batch_size=128)
             else:
-                pred, _ = session.predict(name, "cifar10", cfg["placement_images"], method, bits, **settings)
+                pred, _ = session.predict(name, "cifar10", cfg["placement_images"], method, bits, settings=settings)
                 _, report = session.quantized(name, method, bits, **settings)
             rows.append({"bits": bits, "variant": label, "method": method, "settings": settings,
                          "top1": pred.top1_accuracy(), "agreement_with_fp32": pred.agreement(fp), **c_summary(report)})

@@ -101,7 +101,7 @@ def run(session, cfg: dict) -> dict:
             export_onnx(model, {}, paths["fp32"], shape)
             info = export_onnx(qmodel, integer_codes(report), paths["quantized"], shape)
             sim, record = session.predict(name, spec.dataset, cfg["images"], cfg["method"], cfg["bits"], cfg["split"],
-                                          **settings)
+                                          settings)
             fp, _ = session.predict(name, spec.dataset, cfg["images"], split=cfg["split"])
             data, _ = session.data(spec.dataset, spec, cfg["images"], cfg["split"])
             engine = {k: onnx_predict(p, data) for k, p in paths.items()}

@@ -27,7 +27,7 @@ def run(session, cfg: dict) -> dict:
         sweep = {"fp32": base["results"]["fp32"]["top1"], "original": base["results"]["original"]["top1"]}
 
         def point(l1, l2):
-            pred, _ = session.predict(name, "cifar10", images, "dfmpc", bits, lambda1=l1, lambda2=l2)
+            pred, _ = session.predict(name, "cifar10", images, "dfmpc", bits, settings={"lambda1": l1, "lambda2": l2})
             _, report = session.quantized(name, "dfmpc", bits, lambda1=l1, lambda2=l2)
             return {"lambda1": l1, "lambda2": l2, "top1": pred.top1_accuracy(), **c_summary(report)}
 

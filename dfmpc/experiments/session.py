@@ -168,9 +168,12 @@ class Session:
         return self._quant[key]
 
     def predict(self, name: str, dataset: str, images, method: str = "fp32", bits: str | None = None,
-                split: str | None = None, **settings) -> tuple[Predictions, dict]:
-        """Predictions of model ``name`` (fp32 or quantized) on ``images`` images of ``dataset``'s ``split`` half
-        (None: the whole set), cached."""
+                split: str | None = None, settings: dict | None = None) -> tuple[Predictions, dict]:
+        """Predictions of model ``name`` (fp32 or quantized by ``method`` at ``bits`` with ``settings``) on ``images``
+        images of ``dataset``'s ``split`` half (None: the whole set), cached. The method's settings come as a dict,
+        not as keywords, because a method may have a setting of the same name as one of these arguments (ZeroQ's
+        ``images``: the number of images it distils)."""
+        settings = dict(settings or {})
         model, spec = self.model(name)
         data, record = self.data(dataset, spec, images, split)
         key = (name, dataset, record["path"], images, split, method, bits, tuple(sorted(settings.items())))
@@ -190,7 +193,7 @@ class Session:
         model, spec = self.model(name)
         out = {"fp32": {**fp.scores(), "size_mb": fp32_size_mb(model)}}
         for label, method, bits, settings in variants:
-            pred, _ = self.predict(name, dataset, images, method, bits, split, **settings)
+            pred, _ = self.predict(name, dataset, images, method, bits, split, settings)
             _, report = self.quantized(name, method, bits, **settings)
             out[label] = {**pred.scores(), "agreement_with_fp32": pred.agreement(fp), "method": method, "bits": bits,
                           "settings": {k: v for k, v in report.settings.items() if k != "keep_fp32"},

@@ -83,11 +83,12 @@ def run(session, cfg: dict) -> dict:
                     bar.set_postfix_str(f"{name} {config} {method}")
                     base = settings_for_model(method, spec)
                     if cfg["weights_only"] and (bits, method) not in weights_only:
-                        pred, _ = session.predict(name, spec.dataset, cfg["images"], method, bits, cfg["split"], **base)
+                        pred, _ = session.predict(name, spec.dataset, cfg["images"], method, bits, cfg["split"], base)
                         weights_only[(bits, method)] = pred.top1_accuracy()
                     act = {"act_bits": act_bits, "act_rule": rule,
                            "act_input_range": tuple(input_range_of(spec.mean, spec.std))}
-                    pred, _ = session.predict(name, spec.dataset, cfg["images"], method, bits, cfg["split"], **base, **act)
+                    pred, _ = session.predict(name, spec.dataset, cfg["images"], method, bits, cfg["split"],
+                                              {**base, **act})
                     top1 = pred.top1_accuracy()
                     out["rows"].append({"model": name, "config": config, "method": method, "bits": bits,
                                         "act_bits": act_bits, "act_rule": rule, "top1": top1,

@@ -11,7 +11,6 @@ Nothing here decides anything: it runs once, with the final defaults, on the tes
 """
 from __future__ import annotations
 
-from ..evaluate import predict
 from ..methods import METHODS, settings_for_model
 from .compare import accuracy_scores, evaluation_set, figure, measured_row
 from .verdict import MODEL_LABELS, standing
@@ -50,28 +49,13 @@ def run(session, cfg: dict) -> dict:
                                   "images": record["images"], "metric": "top1" if labelled else "agreement_with_fp32",
                                   "fp32": accuracy_scores(fp, labelled)})
             for b in cfg["bits"]:
-                bar.set_postfix_str(f"{name} {b} dfmpc+")
-                out["rows"].append(measured_row(session, name, dataset, cfg["images"], cfg["split"], "dfmpc+", b, fp, labelled,
-                                        **settings_for_model("dfmpc+", spec)))
-                bar.update(1)
-                bar.set_postfix_str(f"{name} {b} zeroq")
-                out["rows"].append(_zeroq_row(session, name, dataset, cfg, b, fp, labelled,
-                                              {**settings_for_model("zeroq", spec), **distillation}))
-                bar.update(1)
+                for method, settings in (("dfmpc+", settings_for_model("dfmpc+", spec)),
+                                         ("zeroq", {**settings_for_model("zeroq", spec), **distillation})):
+                    bar.set_postfix_str(f"{name} {b} {method}")
+                    out["rows"].append(measured_row(session, name, dataset, cfg["images"], cfg["split"], method, b,
+                                                    fp, labelled, settings))
+                    bar.update(1)
     return out
-
-
-def _zeroq_row(session, name: str, dataset: str, cfg: dict, bits: str, fp, labelled: bool, settings: dict) -> dict:
-    """:func:`.compare.measured_row` for ZeroQ with its own ``images`` setting (the number of distilled images), which the
-    session's ``predict`` would take for the number of evaluation images."""
-    net, report = session.quantized(name, "zeroq", bits, **settings)
-    model, spec = session.model(name)
-    data, _ = session.data(dataset, spec, cfg["images"], cfg["split"])
-    pred = predict(net, data, device=session.device, batch_size=session.batch_size or (50 if dataset == "imagenet" else 128),
-                   progress=session.progress, desc=f"{name} zeroq {bits}")
-    return {"model": name, "method": "zeroq", "bits": bits, **accuracy_scores(pred, labelled),
-            "agreement_with_fp32": pred.agreement(fp), "size_mb": report.size_mb,
-            "quantize_seconds": report.seconds, "settings": report.settings}
 
 
 def cells(data: dict) -> list[dict]:
