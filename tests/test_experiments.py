@@ -461,6 +461,37 @@ def test_the_books_full_strength_zeroq_differs_from_the_table_only_in_its_distil
     assert len(cells) == len(models) * 3 and all(len(c) == len(header) for c in cells)
 
 
+def test_the_books_speed_times_dfmpc_plus_on_one_thread_and_judges_the_targets_by_it():
+    """book/data/speed.json: dfmpc+ at 2/6 on ResNet-18, ResNet-50 and VGG-16 (BN), random weights, one CPU thread;
+    seconds per million parameters from the median; the targets read from those rows."""
+    from dfmpc.experiments import speed
+
+    rows = BOOK["speed"]["results"]["rows"]
+    assert [r["model"] for r in rows] == ["resnet18", "resnet50", "bn_vgg16"]
+    for r in rows:
+        assert (r["method"], r["bits"], r["weights"], r["threads"], r["device"]) == ("dfmpc+", "2/6", "random", 1, "cpu")
+        assert r["min_s"] <= r["median_s"] and r["repeat"] == 3 and r["parameters"] > 10_000_000
+        assert math.isclose(r["seconds_per_mparameter"], r["median_s"] * 1e6 / r["parameters"])
+    measured = {t["target"].split(" ")[0]: t for t in speed.targets(BOOK["speed"])}
+    assert measured["ResNet-18"]["measured"] == rows[0]["median_s"]
+    per = [r["seconds_per_mparameter"] for r in rows]
+    assert measured["seconds"]["measured"] == max(per) / min(per)
+
+
+def test_speed_targets_are_met_only_under_their_bounds():
+    from dfmpc.experiments import speed
+
+    def data(r18_s, r18_per, other_per):
+        return {"results": {"rows": [
+            {"model": "resnet18", "bits": "2/6", "median_s": r18_s, "seconds_per_mparameter": r18_per},
+            {"model": "bn_vgg16", "bits": "2/6", "median_s": 1.0, "seconds_per_mparameter": other_per}]}}
+
+    assert [t["met"] for t in speed.targets(data(0.49, 1.0, 2.0))] == [True, True]
+    assert [t["met"] for t in speed.targets(data(0.51, 1.0, 2.01))] == [False, False]
+    assert [t["met"] for t in speed.targets(data(0.49, 2.01, 1.0))] == [True, False]  # the spread either way
+    assert speed.targets({"results": {"rows": []}}) == []
+
+
 def test_deviation_effects_call_a_difference_under_one_standard_error_a_tie():
     def cell(top1):
         return {"top1": top1, "top1_se": compare.standard_error(top1, 1000), "quantize_s": 0, "settings": {}}

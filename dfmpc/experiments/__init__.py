@@ -29,6 +29,7 @@ from . import (
                fig3,
                fig4,
                fig5,
+               speed,
                table1,
                table2,
                table34,
@@ -44,12 +45,12 @@ __all__ = ["EXPERIMENTS", "GROUPS", "BOOK_PRESETS", "BOOK_OVERRIDES", "PRESETS",
            "run_experiments", "settings_for", "load_result", "book_data_dir", "describe", "data_label", "md_table"]
 
 EXPERIMENTS = {m.NAME: m for m in (table1, table2, table34, fig3, fig4, fig5, timing, diagnosis, compare, baselines,
-                                   deviations, coverage, wa, engine, zeroq_authors)}
+                                   deviations, coverage, wa, engine, zeroq_authors, speed)}
 
 #: Experiments that share models and images run in the same process; two processes fill two cores.
 #: (An experiment in no group runs in a process of its own.)
 GROUPS = (("table1", "fig3", "fig4", "diagnosis", "coverage", "baselines", "deviations"),
-          ("compare", "table34", "fig5", "table2", "timing"))
+          ("compare", "table34", "fig5", "table2", "timing", "speed"))
 
 #: The preset of every result the book shows (``book/data/<name>.json``): the comparison, the baselines' checks
 #: and the coverage in full, the paper's experiments in the quick preset (a CPU would need hours for their grids).
