@@ -90,6 +90,19 @@ def test_the_readme_quotes_full_strength_zeroq_on_the_test_half():
             f"on the same test half: {sentence}.") in README
 
 
+def test_the_readme_quotes_the_speed_of_dfmpc_plus():
+    """The README's sentence on how long dfmpc+ takes, against book/data/speed.json and its targets."""
+    from dfmpc.experiments import speed
+
+    data = load_result("speed", ROOT / "book" / "data")
+    rows = {r["model"]: r for r in data["results"]["rows"]}
+    per = [r["seconds_per_mparameter"] for r in rows.values()]
+    assert (f"`dfmpc+` takes {rows['resnet18']['median_s']:.2f} s to quantize ResNet-18 at 2/6, not the "
+            f"{speed.TARGET_SECONDS:g} s we aim for; per million parameters it takes {min(per):.2f}-{max(per):.2f} s "
+            f"from ResNet-18 through ResNet-50 to VGG-16, within the factor of {speed.TARGET_SPREAD:g} we aim for") in README
+    assert [t["met"] for t in speed.targets(data)] == [False, True]
+
+
 def test_the_readme_verdict_quotes_the_comparison():
     """The figures of the README's verdict under the table, each computed from book/data/compare.json."""
     r20, r56 = "resnet20_cifar10_a", "resnet56_cifar10_a"
