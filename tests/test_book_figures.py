@@ -85,9 +85,13 @@ def test_the_readme_quotes_full_strength_zeroq_on_the_test_half():
     """The README's sentence on ZeroQ at its authors' budget, as verdict writes it from book/data/zeroq_authors.json."""
     data = load_result("zeroq_authors", ROOT / "book" / "data")
     sentence = verdict.class_summary(data, "synthetic data")
-    assert ("At its authors' budget (500 distillation iterations on 32 images; run on the two CIFAR-10 ResNets, "
-            "`book/data/zeroq_authors.json`), "
+    assert ("At its authors' budget (500 distillation iterations on 32 images; run on the two CIFAR-10 ResNets and "
+            "EfficientNet-Lite0, `book/data/zeroq_authors.json`), "
             f"on the same test half: {sentence}.") in README
+    lite0 = {r["bits"]: r["top1"] for r in data["results"]["rows"]
+             if (r["model"], r["method"]) == ("efficientnet_lite0", "zeroq")}
+    assert f"that budget does not rescue ZeroQ ({lite0['3/6']:.2f} % at 3/6, {lite0['4/6']:.2f} % at 4/6)" in README
+    assert lite0["3/6"] < compare.figure(COMPARE, "efficientnet_lite0", "3/6", "zeroq")  # lower than at 100 steps
 
 
 def test_the_readme_quotes_the_speed_of_dfmpc_plus():
