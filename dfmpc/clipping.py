@@ -66,10 +66,12 @@ def mse_optimal_ternary(w: torch.Tensor, granularity: str = "channel", weights: 
     v = _rows(_weights_like(w, weights), granularity)
     a = x.abs()
     stride = -(-x.numel() // SEARCH_LIMIT)
-    choices = [_ternary_choice(a[rows, ::stride], v[rows, ::stride]) for rows in row_chunks(a.shape[0], a.shape[1] // stride)]
+    searched_a, searched_v = a[:, ::stride], v[:, ::stride]
+    # every row is its own problem: chunks of rows keep the sort in the cache (numerics.ROW_CHUNK_ELEMENTS)
+    choices = [_ternary_choice(searched_a[rows], searched_v[rows]) for rows in row_chunks(*searched_a.shape)]
     keep, alpha = torch.cat([c[0] for c in choices]), torch.cat([c[1] for c in choices])
     if stride > 1:  # the subsample's threshold for the whole row, then the least-squares scale for those codes
-        threshold = torch.where(keep.any(dim=1), torch.where(keep, a[:, ::stride], torch.inf).amin(dim=1), torch.inf)
+        threshold = torch.where(keep.any(dim=1), torch.where(keep, searched_a, torch.inf).amin(dim=1), torch.inf)
         keep = (a >= threshold[:, None]) & (a > 0)
         s, vv = (v * a * keep).sum(dim=1), (v * keep).sum(dim=1)
         alpha = divide_where_positive(s, vv, torch.zeros_like(vv))
