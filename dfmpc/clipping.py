@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from .errors import DfmpcError
-from .numerics import check_bit_width, divide_where_positive, positive_or_one, row_chunks
+from .numerics import by_row_chunks, check_bit_width, divide_where_positive, positive_or_one
 from .quantizers import QuantizedTensor, check_weight
 
 __all__ = ["SEARCH_LIMIT", "mse_optimal_ternary", "mse_optimal_uniform", "mse_optimal_quantize",
@@ -68,8 +68,7 @@ def mse_optimal_ternary(w: torch.Tensor, granularity: str = "channel", weights: 
     stride = -(-x.numel() // SEARCH_LIMIT)
     searched_a, searched_v = a[:, ::stride], v[:, ::stride]
     # every row is its own problem: chunks of rows keep the sort in the cache (numerics.ROW_CHUNK_ELEMENTS)
-    choices = [_ternary_choice(searched_a[rows], searched_v[rows]) for rows in row_chunks(*searched_a.shape)]
-    keep, alpha = torch.cat([c[0] for c in choices]), torch.cat([c[1] for c in choices])
+    keep, alpha = by_row_chunks(_ternary_choice, searched_a, searched_v)
     if stride > 1:  # the subsample's threshold for the whole row, then the least-squares scale for those codes
         threshold = torch.where(keep.any(dim=1), torch.where(keep, searched_a, torch.inf).amin(dim=1), torch.inf)
         keep = (a >= threshold[:, None]) & (a > 0)
@@ -164,8 +163,8 @@ def mse_optimal_uniform(w: torch.Tensor, bits: int, granularity: str = "channel"
 
     x32, v32 = x.float(), v.float()  # the search in single precision (twice as fast); the result in double
     # every row searches on its own: chunks of rows keep the passes in the cache (numerics.ROW_CHUNK_ELEMENTS)
-    best_ratio = torch.cat([_clip_ratio_search(x32[rows], v32[rows], top[rows], n, grid, fine, criterion)
-                            for rows in row_chunks(*x32.shape)])
+    best_ratio = by_row_chunks(lambda x_rows, v_rows, top_rows: _clip_ratio_search(x_rows, v_rows, top_rows, n, grid,
+                                                                                   fine, criterion), x32, v32, top)
     best_scale = top * best_ratio
     if criterion == "cosine":
         codes, num, den = _uniform_fit(full_x, full_v, best_scale, n)

@@ -52,7 +52,7 @@ from __future__ import annotations
 import torch
 
 from .errors import DfmpcError
-from .numerics import ROW_CHUNK_ELEMENTS, check_bit_width, divide_where_positive, per_row
+from .numerics import ROW_CHUNK_ELEMENTS, check_bit_width, divide_where_positive, per_row, row_chunks
 from .quantizers import QuantizedTensor, ternary_quantize, uniform_grid_position, uniform_quantize
 
 __all__ = ["CHUNK", "squant_round", "squant_quantize", "grid_position", "squant_reference_grid"]
@@ -136,15 +136,14 @@ def squant_round(x: torch.Tensor, lo: int, hi: int, start: torch.Tensor | None =
     rows, cols = x.shape[0], x.shape[1]
     out = torch.empty(x.shape, dtype=torch.int64)
     # output channels are independent: a few at a time bounds the memory (VGG-16's first classifier layer)
-    step = max(1, CHUNK // max(1, x[0].numel()))
-    for r in range(0, rows, step):
-        target = x[r:r + step].detach().double().clamp(lo, hi)
-        codes = torch.round(target) if start is None else start[r:r + step].detach().to(torch.float64)
+    for chunk in row_chunks(rows, x[0].numel(), CHUNK):
+        target = x[chunk].detach().double().clamp(lo, hi)
+        codes = torch.round(target) if start is None else start[chunk].detach().to(torch.float64)
         if not torch.all((codes - target).abs() < 1) or codes.min() < lo or codes.max() > hi:
             raise DfmpcError("squant_round: start must be integer levels in [lo, hi] within one step of x")
         done = _squant_rows(target.reshape(len(target), cols, -1), codes.reshape(len(target), cols, -1), lo, hi,
                             squant_k, squant_c)
-        out[r:r + step] = done.reshape(target.shape)
+        out[chunk] = done.reshape(target.shape)
     return out
 
 

@@ -489,6 +489,7 @@ def test_speed_targets_are_met_only_under_their_bounds():
     assert [t["met"] for t in speed.targets(data(0.49, 1.0, 2.0))] == [True, True]
     assert [t["met"] for t in speed.targets(data(0.51, 1.0, 2.01))] == [False, False]
     assert [t["met"] for t in speed.targets(data(0.49, 2.01, 1.0))] == [True, False]  # the spread either way
+    assert [t["shown"] for t in speed.targets(data(0.494, 1.0, 2.0))] == ["0.49 s", "2.00x"]  # the unit follows the target
     assert speed.targets({"results": {"rows": []}}) == []
 
 

@@ -49,7 +49,7 @@ from ..clipping import mse_optimal_quantize, mse_optimal_ternary
 from ..errors import DfmpcError
 from ..graph import trace
 from ..moments import expected_output_shift, per_input_channel
-from ..numerics import divide_where_positive, positive_or_one, row_chunks
+from ..numerics import by_row_chunks, divide_where_positive, positive_or_one
 from ..placement import correct_bias
 from ..propagation import following_batch_norms, input_moments
 from ..quantizers import QuantizedTensor, quantize_weight, uniform_grid_position
@@ -193,9 +193,11 @@ def _best_block_codes(w: torch.Tensor, alpha: torch.Tensor, rho: float) -> torch
     For a fixed code sum the first term is separable and convex in every q_k, so the best codes for the
     sum -K + j take the j cheapest of the 2K unit steps (-1 -> 0 and 0 -> +1 of every entry; convexity puts
     an entry's first step before its second). All sums are tried at once after one sort. The blocks are
-    independent, so they are solved a chunk of output channels at a time (:func:`dfmpc.numerics.row_chunks`).
+    independent, so they are solved a chunk of output channels at a time (:func:`dfmpc.numerics.by_row_chunks`).
     """
-    return torch.cat([_best_block_codes_of(w[rows], alpha[rows], rho) for rows in row_chunks(w.shape[0], 2 * w[0].numel())])
+    # a row's search holds its 2K unit steps per block: twice its weights
+    return by_row_chunks(lambda w_rows, alpha_rows: _best_block_codes_of(w_rows, alpha_rows, rho), w, alpha,
+                         columns=2 * w[0].numel())
 
 
 def _best_block_codes_of(w: torch.Tensor, alpha: torch.Tensor, rho: float) -> torch.Tensor:
