@@ -20,6 +20,7 @@ relative comparisons only: JPEG costs the CIFAR-10 models about ten points, and 
 easier than the full validation set.
 """
 from . import (
+               authors_data_free,
                baselines,
                compare,
                coverage,
@@ -45,7 +46,7 @@ __all__ = ["EXPERIMENTS", "GROUPS", "BOOK_PRESETS", "BOOK_OVERRIDES", "PRESETS",
            "run_experiments", "settings_for", "load_result", "book_data_dir", "describe", "data_label", "md_table"]
 
 EXPERIMENTS = {m.NAME: m for m in (table1, table2, table34, fig3, fig4, fig5, timing, diagnosis, compare, baselines,
-                                   deviations, coverage, wa, engine, zeroq_authors, speed)}
+                                   deviations, coverage, wa, engine, zeroq_authors, authors_data_free, speed)}
 
 #: Experiments that share models and images run in the same process; two processes fill two cores.
 #: (An experiment in no group runs in a process of its own.)

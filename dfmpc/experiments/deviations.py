@@ -9,16 +9,14 @@ dfmpc+ on the same images is recorded beside them, so the reader sees whether a 
 An entry whose authors' choice is not a setting of our method (SQuant's asymmetric grid: our codes and the file
 format are symmetric) has ``"authors_settings": None`` and ``"authors_weights"``: the method's quantized model with
 the weight of every 3- to 8-bit layer replaced by :func:`dfmpc.rounding.squant_reference_grid` of its
-full-precision weight, evaluated on the same images (a simulation: it cannot be saved).
+full-precision weight (:func:`.authors_data_free.on_reference_grid`), evaluated on the same images (a simulation: it cannot be saved).
 """
 from __future__ import annotations
 
-import copy
 import time
 
-from ..evaluate import predict
 from ..methods import settings_for_model
-from ..rounding import squant_reference_grid
+from .authors_data_free import on_reference_grid
 from .compare import standard_error
 
 __all__ = ["NAME", "TITLE", "BOOK_PRESET", "SETTINGS", "DEVIATIONS", "run", "rows", "effects", "summary"]
@@ -71,15 +69,11 @@ def _on_reference_grid(session, name: str, bits: str, settings: dict, images, sp
     model, spec = session.model(name)
     quantized, report = session.quantized(name, "squant", bits, **settings)
     start = time.perf_counter()
-    net = copy.deepcopy(quantized)
-    full, layers = dict(model.named_modules()), dict(net.named_modules())
-    for layer in report.layers:
-        if layer.role != "fp32" and 3 <= layer.bits <= 8:
-            layers[layer.name].weight.data = squant_reference_grid(full[layer.name].weight.data, layer.bits)
+    net = on_reference_grid(model, quantized, report)
     seconds = time.perf_counter() - start
-    data, _ = session.data(spec.dataset, spec, images, split)
-    top1 = predict(net, data, device=session.device, batch_size=128).top1_accuracy()
-    return {"top1": top1, "top1_se": standard_error(top1, len(data)), "quantize_s": report.seconds + seconds,
+    pred, _ = session.evaluate(net, name, spec.dataset, images, split, f"{name} squant {bits} (reference grid)")
+    top1 = pred.top1_accuracy()
+    return {"top1": top1, "top1_se": standard_error(top1, len(pred)), "quantize_s": report.seconds + seconds,
             "settings": {k: v for k, v in report.settings.items() if k != "keep_fp32"}}
 
 

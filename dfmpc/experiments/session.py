@@ -180,11 +180,19 @@ class Session:
         if key not in self._preds:
             net = model if method == "fp32" else self.quantized(name, method, bits, **settings)[0]
             desc = f"{name} {method}" + ("" if bits is None else f" {bits}")
-            net = _fast(net, self.device, dataset)
-            workers = 0 if record["in_memory"] else min(8, os.cpu_count() or 1)
-            self._preds[key] = predict(net, data, device=self.device, batch_size=self.batch_size or _batch(dataset),
-                                       progress=self.progress, desc=desc, num_workers=workers)
+            self._preds[key] = self.evaluate(net, name, dataset, images, split, desc)[0]
         return self._preds[key], record
+
+    def evaluate(self, net: nn.Module, name: str, dataset: str, images, split: str | None = None,
+                 desc: str = "") -> tuple[Predictions, dict]:
+        """Predictions of ``net`` (a network built for model ``name``, e.g. a quantized model changed by hand) on
+        the images :meth:`predict` would use, not cached."""
+        _, spec = self.model(name)
+        data, record = self.data(dataset, spec, images, split)
+        workers = 0 if record["in_memory"] else min(8, os.cpu_count() or 1)
+        return predict(_fast(net, self.device, dataset), data, device=self.device,
+                       batch_size=self.batch_size or _batch(dataset), progress=self.progress, desc=desc or name,
+                       num_workers=workers), record
 
     def measure(self, name: str, dataset: str, images, variants, split: str | None = None) -> dict:
         """fp32 plus each (label, method, bits, settings) variant: top-1/top-5, loss, agreement, size, seconds, on

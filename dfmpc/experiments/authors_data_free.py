@@ -1,0 +1,139 @@
+"""SQuant and OCS at their authors' settings on the comparison's test half, beside dfmpc+.
+
+The comparison (:mod:`.compare`) runs two data-free competitors differently from their authors, for reasons the
+deviations (:mod:`.deviations`) list and measure on the development cell:
+
+* **SQuant** flip-rounds on our symmetric max-|w| grid; the authors' reference code uses an asymmetric per-channel
+  min/max grid with an integer zero point. Our codes and files have no zero point, so the authors' grid is
+  simulated: SQuant's quantized model with the weight of every 3- to 8-bit layer replaced by
+  :func:`dfmpc.rounding.squant_reference_grid` of its full-precision weight (the ternary layers stay ours: the
+  reference has no ternary grid). Such a model is evaluated, never saved.
+* **OCS** quantizes with one scale per output channel; the authors use one per tensor (``granularity="tensor"``).
+
+This experiment runs both at the authors' settings once on the test half of every model of the comparison, with
+dfmpc+ (its default) on the same images. :func:`strongest` merges the result with the comparison's table, keeping
+for each competitor and cell the better of its two settings, so that dfmpc+ is judged against every data-free
+competitor at its strongest. Nothing here decides anything: it runs once, with the final defaults.
+"""
+from __future__ import annotations
+
+import copy
+import time
+
+from ..methods import METHODS, settings_for_model
+from ..rounding import squant_reference_grid
+from .compare import accuracy_scores, evaluation_set, figure, measured_row
+from .verdict import MODEL_LABELS, standing
+
+__all__ = ["NAME", "TITLE", "BOOK_PRESET", "SETTINGS", "AUTHORS", "on_reference_grid", "run", "strongest", "rows"]
+
+NAME = "authors_data_free"
+TITLE = "SQuant (the reference's asymmetric grid) and OCS (one scale per tensor) at their authors' settings, test half"
+BOOK_PRESET = "full"
+#: method -> how it runs at its authors' setting: settings on top of its defaults, or its weights on another grid
+AUTHORS = {"squant": {"grid": "reference (asymmetric min/max, zero point)"}, "ocs": {"granularity": "tensor"}}
+SETTINGS = {
+    "quick": {"models": ["resnet20_cifar10_a"], "images": 200, "split": "test", "bits": ["2/6", "3/6"]},
+    # every model of the comparison's table; the CIFAR-100 ResNet-56 through its agreement with fp32 only
+    "full": {"models": ["resnet20_cifar10_a", "resnet56_cifar10_a", "chenyaofo_resnet56_cifar100",
+                        "efficientnet_lite0", "efficientnet_lite2"], "images": None, "split": "test",
+             "bits": ["2/6", "3/6", "4/6"]},
+}
+
+
+def on_reference_grid(model, quantized, report):
+    """A copy of SQuant's ``quantized`` model (``report``: its report) with the weight of every 3- to 8-bit layer
+    flip-rounded on the authors' reference grid from ``model``'s full-precision weight; the ternary layers as they
+    are."""
+    net = copy.deepcopy(quantized)
+    full, layers = dict(model.named_modules()), dict(net.named_modules())
+    for layer in report.layers:
+        if layer.role != "fp32" and 3 <= layer.bits <= 8:
+            layers[layer.name].weight.data = squant_reference_grid(full[layer.name].weight.data, layer.bits)
+    return net
+
+
+def _reference_grid_row(session, name: str, dataset: str, images, split, bits: str, fp, labelled: bool,
+                        settings: dict) -> dict:
+    """A row as :func:`.compare.measured_row` gives it, for SQuant on the authors' grid (no file size: the
+    reference's zero points are not part of our format)."""
+    model, _ = session.model(name)
+    quantized, report = session.quantized(name, "squant", bits, **settings)
+    start = time.perf_counter()
+    net = on_reference_grid(model, quantized, report)
+    seconds = report.seconds + time.perf_counter() - start
+    pred, _ = session.evaluate(net, name, dataset, images, split, f"{name} squant {bits} (reference grid)")
+    return {"model": name, "method": "squant", "bits": bits, **accuracy_scores(pred, labelled),
+            "agreement_with_fp32": pred.agreement(fp), "size_mb": None, "quantize_seconds": seconds,
+            "settings": {**report.settings, **AUTHORS["squant"]}}
+
+
+def run(session, cfg: dict) -> dict:
+    from tqdm import tqdm
+
+    methods = ["dfmpc+", *AUTHORS]
+    # laid out as the comparison's result, so that its views (:func:`.compare.pivot`, :mod:`.verdict`) read it
+    out = {"bits": list(cfg["bits"]), "authors": AUTHORS, "models": [], "rows": [],
+           "methods": {m: METHODS[m].description for m in methods}}
+    with tqdm(total=len(cfg["models"]) * len(cfg["bits"]) * len(methods), desc=NAME, unit="run",
+              disable=not session.progress, leave=False) as bar:
+        for name in cfg["models"]:
+            _, spec = session.model(name)
+            dataset, fp, record, labelled = evaluation_set(session, name, spec, cfg["images"], cfg["split"])
+            out["models"].append({"model": name, "dataset": dataset, "weights": spec.weights, "data": record,
+                                  "images": record["images"], "metric": "top1" if labelled else "agreement_with_fp32",
+                                  "fp32": accuracy_scores(fp, labelled)})
+            for b in cfg["bits"]:
+                for method in methods:
+                    bar.set_postfix_str(f"{name} {b} {method}")
+                    settings = settings_for_model(method, spec)
+                    if method == "squant":
+                        row = _reference_grid_row(session, name, dataset, cfg["images"], cfg["split"], b, fp,
+                                                  labelled, settings)
+                    else:
+                        row = measured_row(session, name, dataset, cfg["images"], cfg["split"], method, b, fp,
+                                           labelled, {**settings, **AUTHORS.get(method, {})})
+                    out["rows"].append(row)
+                    bar.update(1)
+    return out
+
+
+def _score(row: dict, metric: str) -> float:
+    return row["agreement_with_fp32" if metric == "agreement_with_fp32" else "top1"]
+
+
+def strongest(table: dict, authors: dict) -> dict:
+    """The comparison ``table`` with each competitor of :data:`AUTHORS` at the better of its two settings in every
+    cell that ``authors`` measured (rows gain ``"setting"``: "ours" or "authors'"). Both are results as
+    :func:`dfmpc.experiments.load_result` returns them; the verdict functions read the merge as they read a table."""
+    metric = {e["model"]: e["metric"] for e in table["results"]["models"]}
+    theirs = {(r["model"], r["bits"], r["method"]): r for r in authors["results"]["rows"] if r["method"] in AUTHORS}
+    rows = []
+    for r in table["results"]["rows"]:
+        other = theirs.get((r["model"], r["bits"], r["method"]))
+        if other is not None and _score(other, metric[r["model"]]) > _score(r, metric[r["model"]]):
+            rows.append({**other, "setting": "authors'"})
+        else:
+            rows.append({**r, "setting": "ours" if other is not None else r.get("setting", "ours")})
+    return {**table, "results": {**table["results"], "rows": rows}}
+
+
+def rows(data: dict, table: dict) -> tuple[list[str], list[list[str]]]:
+    """The chapter's table: per labelled (model, bits), dfmpc+, and SQuant and OCS at our setting (the comparison's
+    ``table``) and at the authors' (top-1 %), and where dfmpc+ stands against the best data-free method with every
+    competitor at its stronger setting (:func:`strongest`; a lead under one standard error is a tie)."""
+    merged = strongest(table, data)
+    header = ["model", "bits", "dfmpc+", "squant, ours / authors' grid", "ocs, ours / authors' (per tensor)",
+              "dfmpc+ against the best data-free method"]
+    by_cell = {(r["model"], r["bits"], r["method"]): r for r in data["results"]["rows"]}
+    out = []
+    for e in data["results"]["models"]:
+        if e["metric"] != "top1":
+            continue
+        for b in data["results"]["bits"]:
+            s = standing(merged, e["model"], b, "data-free")
+            pairs = [f"{figure(table, e['model'], b, m):.2f} / {by_cell[(e['model'], b, m)]['top1']:.2f}"
+                     for m in AUTHORS]
+            out.append([MODEL_LABELS.get(e["model"], e["model"]), b, f"{by_cell[(e['model'], b, 'dfmpc+')]['top1']:.2f}",
+                        *pairs, f"**{s.word}** {s.lead:+.2f} vs {s.rival} (SE {s.se:.2f})"])
+    return header, out
