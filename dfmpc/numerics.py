@@ -3,7 +3,8 @@
 * :func:`per_row`: a scalar or a per-output-channel vector shaped to broadcast over a weight;
 * :func:`positive_or_one` and :func:`divide_where_positive`: division guarded where the divisor is zero (an
   all-zero channel, a zero scale), with the fallback said at the call;
-* :func:`check_bit_width`: one integer bit width within the library's range, or one line saying what is allowed.
+* :func:`check_bit_width`: one integer bit width within the library's range, or one line saying what is allowed;
+* :func:`row_chunks` and :func:`by_row_chunks`: a row-wise search run on cache-sized chunks of rows.
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import torch
 from .bits import MAX_BITS, MIN_BITS
 from .errors import DfmpcError
 
-__all__ = ["per_row", "positive_or_one", "divide_where_positive", "check_bit_width", "ROW_CHUNK_ELEMENTS", "row_chunks", "by_row_chunks"]
+__all__ = ["per_row", "positive_or_one", "divide_where_positive", "check_bit_width", "ROW_CHUNK_ELEMENTS", "row_chunks",
+           "by_row_chunks"]
 
 #: A row-wise search runs on chunks of rows of about this many weights, so that the temporaries of its many passes
 #: stay in the CPU's cache. Measured by ``dfmpc experiments speed`` (book/data/speed.json): dfmpc+ on ResNet-18 took

@@ -461,6 +461,72 @@ def test_the_books_full_strength_zeroq_differs_from_the_table_only_in_its_distil
     assert len(cells) == len(models) * 3 and all(len(c) == len(header) for c in cells)
 
 
+def test_the_books_authors_settings_of_squant_and_ocs_differ_from_the_table_only_there():
+    """book/data/authors_data_free.json: every model of the table on the same test half; OCS's settings are those of
+    its row in compare.json but for one scale per tensor, SQuant's the same but for the reference grid; dfmpc+ (the
+    same code, the same images) gives the table's figures exactly."""
+    from dfmpc.experiments import authors_data_free
+
+    res = BOOK["authors_data_free"]["results"]
+    table = BOOK["compare"]["results"]
+    models = BOOK["authors_data_free"]["settings"]["models"]
+    assert models == BOOK["compare"]["settings"]["models"] and res["bits"] == ["2/6", "3/6", "4/6"]
+    for entry, ref in zip(res["models"], table["models"]):
+        assert entry["data"] == ref["data"] and entry["data"]["split"] == "test" and entry["metric"] == ref["metric"]
+        assert [entry["fp32"][k] for k in ("top1", "top5", "images")] == [ref["fp32"][k] for k in ("top1", "top5", "images")]
+    assert sorted((r["model"], r["bits"], r["method"]) for r in res["rows"]) == sorted(
+        itertools.product(models, res["bits"], ("dfmpc+", "squant", "ocs")))
+    rows = {(r["model"], r["bits"], r["method"]): r for r in table["rows"]}
+    for r in res["rows"]:
+        ref = rows[(r["model"], r["bits"], r["method"])]
+        changed = {k: v for k, v in r["settings"].items() if ref["settings"].get(k) != v}
+        assert changed == authors_data_free.AUTHORS.get(r["method"], {}), (r["model"], r["bits"], r["method"])
+        if r["method"] == "dfmpc+":
+            assert (r["top1"], r["agreement_with_fp32"]) == (ref["top1"], ref["agreement_with_fp32"])
+    header, cells = authors_data_free.rows(BOOK["authors_data_free"], BOOK["compare"])
+    labelled = [e for e in res["models"] if e["metric"] == "top1"]
+    assert len(cells) == len(labelled) * 3 and all(len(c) == len(header) for c in cells)
+
+
+def test_on_reference_grid_moves_only_the_k_bit_layers_onto_the_authors_grid():
+    """SQuant at its authors' grid: every 3- to 8-bit weight is the reference grid's, the ternary ones stay as SQuant
+    quantized them, and neither the model nor SQuant's quantized model is changed."""
+    from dfmpc.experiments import authors_data_free
+    from dfmpc.rounding import squant_reference_grid
+
+    torch.manual_seed(0)
+    model = CifarResNet(depth=8).eval()
+    quantized, report = dfmpc.quantize(model, bits="2/6", method="squant")
+    before = copy.deepcopy(quantized.state_dict())
+    net = authors_data_free.on_reference_grid(model, quantized, report)
+    full, got = dict(model.named_modules()), dict(net.named_modules())
+    bits = {lr.name: lr.bits for lr in report.layers if lr.role != "fp32"}
+    assert sorted(set(bits.values())) == [2, 6]
+    for name, b in bits.items():
+        want = squant_reference_grid(full[name].weight, b) if b > 2 else before[f"{name}.weight"]
+        assert torch.equal(got[name].weight, want), name
+    assert all(torch.equal(v, before[k]) for k, v in quantized.state_dict().items())
+    assert not all(torch.equal(got[n].weight, before[f"{n}.weight"]) for n, b in bits.items() if b == 6)
+
+
+def test_strongest_keeps_the_better_setting_of_each_competitor_cell_by_cell():
+    """The merge judges dfmpc+ against each competitor at its stronger setting, and leaves the other cells alone."""
+    from dfmpc.experiments import authors_data_free, verdict
+
+    def result(rows):
+        return {"results": {"bits": ["2/6"], "methods": {m: "" for m in ("dfmpc+", "squant", "ocs", "dfq")},
+                            "models": [{"model": "m", "metric": "top1", "images": 5000}],
+                            "rows": [{"model": "m", "bits": "2/6", "method": k, "top1": v} for k, v in rows.items()]}}
+
+    table = result({"dfmpc+": 80.0, "squant": 78.0, "ocs": 70.0, "dfq": 60.0})
+    authors = result({"dfmpc+": 80.0, "squant": 79.5, "ocs": 65.0})
+    merged = authors_data_free.strongest(table, authors)
+    got = {r["method"]: (r["top1"], r["setting"]) for r in merged["results"]["rows"]}
+    assert got == {"dfmpc+": (80.0, "ours"), "squant": (79.5, "authors'"), "ocs": (70.0, "ours"), "dfq": (60.0, "ours")}
+    assert [r["top1"] for r in table["results"]["rows"]] == [80.0, 78.0, 70.0, 60.0]  # the inputs are not changed
+    assert verdict.standing(table, "m", "2/6").word == "ahead" and verdict.standing(merged, "m", "2/6").word == "tie"
+
+
 def test_the_books_speed_times_dfmpc_plus_on_one_thread_and_judges_the_targets_by_it():
     """book/data/speed.json: dfmpc+ at 2/6 on ResNet-18, ResNet-50 and VGG-16 (BN), random weights, one CPU thread;
     seconds per million parameters from the median; the targets read from those rows."""

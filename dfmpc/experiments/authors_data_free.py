@@ -22,7 +22,7 @@ import time
 
 from ..methods import METHODS, settings_for_model
 from ..rounding import squant_reference_grid
-from .compare import accuracy_scores, evaluation_set, figure, measured_row
+from .compare import accuracy_scores, figure, measured_row, model_entry
 from .verdict import MODEL_LABELS, standing
 
 __all__ = ["NAME", "TITLE", "BOOK_PRESET", "SETTINGS", "AUTHORS", "on_reference_grid", "run", "strongest", "rows"]
@@ -79,10 +79,8 @@ def run(session, cfg: dict) -> dict:
               disable=not session.progress, leave=False) as bar:
         for name in cfg["models"]:
             _, spec = session.model(name)
-            dataset, fp, record, labelled = evaluation_set(session, name, spec, cfg["images"], cfg["split"])
-            out["models"].append({"model": name, "dataset": dataset, "weights": spec.weights, "data": record,
-                                  "images": record["images"], "metric": "top1" if labelled else "agreement_with_fp32",
-                                  "fp32": accuracy_scores(fp, labelled)})
+            entry, dataset, fp, labelled = model_entry(session, name, cfg["images"], cfg["split"])
+            out["models"].append(entry)
             for b in cfg["bits"]:
                 for method in methods:
                     bar.set_postfix_str(f"{name} {b} {method}")

@@ -22,7 +22,7 @@ from ..size import fp32_size_mb
 
 __all__ = ["NAME", "TITLE", "BOOK_PRESET", "SETTINGS", "ABLATION", "DEVELOPMENT_MODELS", "DECISION_RULE",
            "PENDING_ADOPTION", "ablation_decisions", "standard_error", "accuracy_scores", "measured_row", "evaluation_set",
-           "run", "pivot", "figure", "format_table", "format_ablation"]
+           "model_entry", "run", "pivot", "figure", "format_table", "format_ablation"]
 
 NAME = "compare"
 TITLE = "Comparison: every method x bit width x model"
@@ -99,6 +99,17 @@ def evaluation_set(session, name: str, spec, images, split):
     return "cifar10", fp, record, False
 
 
+def model_entry(session, name: str, images, split):
+    """(entry, dataset, fp32 predictions, labelled) of model ``name`` in a comparison's result: its ``entry`` of
+    ``models`` (data, metric, fp32 scores and size) on the ``split`` half (:func:`evaluation_set`)."""
+    model, spec = session.model(name)
+    dataset, fp, record, labelled = evaluation_set(session, name, spec, images, split)
+    entry = {"model": name, "dataset": dataset, "weights": spec.weights, "data": record, "images": record["images"],
+             "metric": "top1" if labelled else "agreement_with_fp32",
+             "fp32": {**accuracy_scores(fp, labelled), "size_mb": fp32_size_mb(model)}}
+    return entry, dataset, fp, labelled
+
+
 def run(session, cfg: dict) -> dict:
     from tqdm import tqdm
 
@@ -121,11 +132,9 @@ def run(session, cfg: dict) -> dict:
     total = len(cfg["models"]) * (1 + len(methods) * len(bits)) + len(ablation_models) * len(ABLATION) * len(ablation_bits)
     with tqdm(total=total, desc="compare", unit="run", disable=not session.progress, leave=False) as bar:
         for name in cfg["models"]:
-            model, spec = session.model(name)
-            dataset, fp, record, labelled = evaluation_set(session, name, spec, cfg["images"], split)
-            out["models"].append({"model": name, "dataset": dataset, "weights": spec.weights, "data": record,
-                                  "images": record["images"], "metric": "top1" if labelled else "agreement_with_fp32",
-                                  "fp32": {**accuracy_scores(fp, labelled), "size_mb": fp32_size_mb(model)}})
+            _, spec = session.model(name)
+            entry, dataset, fp, labelled = model_entry(session, name, cfg["images"], split)
+            out["models"].append(entry)
             bar.update(1)
             for b in bits:
                 for method in methods:

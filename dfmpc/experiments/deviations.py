@@ -9,7 +9,8 @@ dfmpc+ on the same images is recorded beside them, so the reader sees whether a 
 An entry whose authors' choice is not a setting of our method (SQuant's asymmetric grid: our codes and the file
 format are symmetric) has ``"authors_settings": None`` and ``"authors_weights"``: the method's quantized model with
 the weight of every 3- to 8-bit layer replaced by :func:`dfmpc.rounding.squant_reference_grid` of its
-full-precision weight (:func:`.authors_data_free.on_reference_grid`), evaluated on the same images (a simulation: it cannot be saved).
+full-precision weight (:func:`.authors_data_free.on_reference_grid`), evaluated on the same images (a simulation:
+it cannot be saved).
 """
 from __future__ import annotations
 

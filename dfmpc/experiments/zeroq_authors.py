@@ -12,7 +12,7 @@ Nothing here decides anything: it runs once, with the final defaults, on the tes
 from __future__ import annotations
 
 from ..methods import METHODS, settings_for_model
-from .compare import accuracy_scores, evaluation_set, figure, measured_row
+from .compare import figure, measured_row, model_entry
 from .verdict import MODEL_LABELS, standing
 
 __all__ = ["NAME", "TITLE", "BOOK_PRESET", "SETTINGS", "AUTHORS", "run", "cells", "rows"]
@@ -44,10 +44,8 @@ def run(session, cfg: dict) -> dict:
               leave=False) as bar:
         for name in cfg["models"]:
             _, spec = session.model(name)
-            dataset, fp, record, labelled = evaluation_set(session, name, spec, cfg["images"], cfg["split"])
-            out["models"].append({"model": name, "dataset": dataset, "weights": spec.weights, "data": record,
-                                  "images": record["images"], "metric": "top1" if labelled else "agreement_with_fp32",
-                                  "fp32": accuracy_scores(fp, labelled)})
+            entry, dataset, fp, labelled = model_entry(session, name, cfg["images"], cfg["split"])
+            out["models"].append(entry)
             for b in cfg["bits"]:
                 for method, settings in (("dfmpc+", settings_for_model("dfmpc+", spec)),
                                          ("zeroq", {**settings_for_model("zeroq", spec), **distillation})):
