@@ -25,13 +25,16 @@ from ..rounding import squant_reference_grid
 from .compare import accuracy_scores, figure, measured_row, model_entry
 from .verdict import MODEL_LABELS, standing
 
-__all__ = ["NAME", "TITLE", "BOOK_PRESET", "SETTINGS", "AUTHORS", "on_reference_grid", "run", "strongest", "rows"]
+__all__ = ["NAME", "TITLE", "BOOK_PRESET", "SETTINGS", "AUTHORS", "AUTHORS_LABELS", "on_reference_grid", "run", "strongest",
+           "method_label", "rows"]
 
 NAME = "authors_data_free"
 TITLE = "SQuant (the reference's asymmetric grid) and OCS (one scale per tensor) at their authors' settings, test half"
 BOOK_PRESET = "full"
 #: method -> how it runs at its authors' setting: settings on top of its defaults, or its weights on another grid
 AUTHORS = {"squant": {"grid": "reference (asymmetric min/max, zero point)"}, "ocs": {"granularity": "tensor"}}
+#: method -> its authors' setting in a table's cell
+AUTHORS_LABELS = {"squant": "authors' grid", "ocs": "per tensor"}
 SETTINGS = {
     "quick": {"models": ["resnet20_cifar10_a"], "images": 200, "split": "test", "bits": ["2/6", "3/6"]},
     # every model of the comparison's table; the CIFAR-100 ResNet-56 through its agreement with fp32 only
@@ -114,6 +117,11 @@ def strongest(table: dict, authors: dict) -> dict:
         else:
             rows.append({**r, "setting": "ours" if other is not None else r.get("setting", "ours")})
     return {**table, "results": {**table["results"], "rows": rows}}
+
+
+def method_label(row: dict) -> str:
+    """A row's method as a table names it: with its authors' setting where :func:`strongest` took that one."""
+    return f"{row['method']}, {AUTHORS_LABELS[row['method']]}" if row.get("setting") == "authors'" else row["method"]
 
 
 def rows(data: dict, table: dict) -> tuple[list[str], list[list[str]]]:
