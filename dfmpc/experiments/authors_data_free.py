@@ -115,7 +115,7 @@ def strongest(table: dict, authors: dict) -> dict:
         if other is not None and _score(other, metric[r["model"]]) > _score(r, metric[r["model"]]):
             rows.append({**other, "setting": "authors'"})
         else:
-            rows.append({**r, "setting": "ours" if other is not None else r.get("setting", "ours")})
+            rows.append({**r, "setting": "ours"})
     return {**table, "results": {**table["results"], "rows": rows}}
 
 
