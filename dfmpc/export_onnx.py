@@ -8,7 +8,8 @@ what :func:`dfmpc.load_quantized` rebuilt from a ``.dfmpc`` file, and writes an 
   multiplied per output channel;
 * every quantized weight whose (folded) values are its integer codes times one scale per output channel is stored
   as those codes in int8 (ternary codes {-1, 0, 1}; a k-bit code q as the odd integer 2q - (2^k - 1), which fits
-  in int8 up to 7 bits) with its float scales, and read through a ``DequantizeLinear`` (per output channel,
+  in int8 up to 7 bits, or as q - zero point on an asymmetric grid, SQuant's ``grid="asymmetric"``, which fits
+  wherever the zero point is a level) with its float scales, and read through a ``DequantizeLinear`` (per output channel,
   axis 0). Its bias is stored as int32 with scale (input scale x weight scale), as the engines expect, where its
   input is quantized. A weight that is not codes times per-output-channel scales (DF-MPC's compensation
   multiplied per *input* channel, ``fold="next"``, or 8-bit codes, which need 9 bits) is stored in float32 and
@@ -58,24 +59,9 @@ def require(module: str = "onnx"):
 def codes_from_file(path: str | os.PathLike, model: nn.Module) -> dict[str, torch.Tensor]:
     """The signed integer codes of every quantized weight in a ``.dfmpc`` file (``model``: what
     :func:`dfmpc.load_quantized` returned for it, whose ``state_dict`` order the file follows)."""
-    from safetensors import safe_open
+    from .packed import read_quantized
 
-    from .packed import read_info, unpack_codes
-
-    plan = {f"{row[0]}.weight": row for row in read_info(path)["plan"] if row[2] < 32}  # checks the file
-    with safe_open(str(Path(path).expanduser()), framework="pt") as f:
-        packed = f.get_tensor("codes").numpy()
-    out, offset = {}, 0
-    for key, ref in model.state_dict().items():
-        row = plan.get(key)
-        if row is None:
-            continue
-        nbytes = -(-ref.numel() * row[2] // 8)
-        values = unpack_codes(packed[offset:offset + nbytes], row[2], ref.numel()).astype(np.int16)
-        offset += nbytes
-        level = torch.from_numpy(values - (1 if row[2] == 2 else 0)).reshape(ref.shape)
-        out[row[0]] = signed_codes(level, row[2]) if row[2] > 2 else level
-    return out
+    return {name: signed_codes(q) for name, q in read_quantized(path, model).items()}
 
 
 def _constant(name: str, inits: dict, producers: dict) -> np.ndarray:

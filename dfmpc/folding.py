@@ -22,19 +22,23 @@ __all__ = ["integer_codes", "signed_codes", "fold_batch_norms", "per_channel_sca
 
 
 def integer_codes(report) -> dict[str, torch.Tensor]:
-    """Layer name -> signed integer codes (int16) of every quantized weight of a report: ternary {-1, 0, 1}; k-bit
-    codes q as 2q - (2^k - 1), so that weight = scale / (2^k - 1) x code."""
+    """Layer name -> signed integer codes (int16) of every quantized weight of a report (:func:`signed_codes`)."""
     quantized = getattr(report, "quantized", None)
     if not quantized:
         raise DfmpcError("the report holds no integer codes; pass the report dfmpc.quantize returned with the model")
-    return {name: signed_codes(q.codes, q.bits) for name, q in quantized.items()}
+    return {name: signed_codes(q) for name, q in quantized.items()}
 
 
-def signed_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Codes of :class:`~dfmpc.quantizers.QuantizedTensor` (ternary {-1, 0, 1}, k-bit {0 .. 2^k - 1}) as signed
-    integers m with weight = scale / (2^k - 1) x m (ternary: scale x m)."""
-    codes = codes.to(torch.int16)
-    return codes if bits == 2 else 2 * codes - (2**bits - 1)
+def signed_codes(q) -> torch.Tensor:
+    """The codes of a :class:`~dfmpc.quantizers.QuantizedTensor` as signed integers m (int16) whose product with one
+    number per output channel is the weight: ternary {-1, 0, 1} (times the scale); k-bit codes q as 2q - (2^k - 1)
+    (times scale / (2^k - 1)), or, on an asymmetric grid, q - zero_point (times the step)."""
+    codes = q.codes.to(torch.int16)
+    if q.bits == 2:
+        return codes
+    if q.zero_point is not None:
+        return codes - q.zero_point.to(torch.int16).reshape(-1, *([1] * (codes.dim() - 1)))
+    return 2 * codes - (2**q.bits - 1)
 
 
 def fold_batch_norms(gm: fx.GraphModule) -> fx.GraphModule:

@@ -9,7 +9,8 @@ pickle: loading runs no code from the file) with
   {-1, 0, +1} are stored as {0, 1, 2} in 2 bits; k-bit codes {0 .. 2^k - 1} in k bits.
 * one tensor per floating-point (and integer) dtype of the model, e.g. ``float32``: every number that is not
   a code, flattened in ``state_dict`` order: each quantized weight's scale(s) and the compensation vector
-  multiplied into it, then every other parameter and buffer as it is (biases changed by a method, BatchNorm
+  multiplied into it (and, on an asymmetric grid, its zero points: under ``int16``), then every other parameter and
+  buffer as it is (biases changed by a method, BatchNorm
   parameters and running statistics, layers kept in full precision). An integer dtype whose numbers are all
   zero (BatchNorm's ``num_batches_tracked`` in most models) is listed under ``zeros`` instead.
 * metadata ``dfmpc`` (JSON): format and version, the model name, the method, its bits and settings, the plan
@@ -48,8 +49,8 @@ from .packed_header import PlanRow, check_metadata, check_plan, decode_plan, enc
 from .placement import input_channel_multiplier
 from .quantizers import QuantizedTensor
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "save_quantized", "load_quantized", "read_info", "pack_codes", "unpack_codes",
-           "encode_plan", "decode_plan", "PlanRow"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "save_quantized", "load_quantized", "read_info", "read_quantized", "pack_codes",
+           "unpack_codes", "encode_plan", "decode_plan", "PlanRow"]
 
 FORMAT, FORMAT_VERSION = "dfmpc-packed", 1
 _CHUNK = 2**20  # codes packed per step (a multiple of 8, so every chunk ends on a byte boundary)
@@ -201,7 +202,9 @@ def save_quantized(qmodel: nn.Module, report, path: str | os.PathLike, model_nam
             factor = lr.weight_factor  # where the method put it, as its record says: nothing is inferred
             c = _rebuilt_weight(lr.name, layer, q, state[f"{lr.name}.weight"], factor, report.compensation.get(lr.name))
             packed[f"{lr.name}.weight"], factors[lr.name], granularity = q, c, q.granularity
-        rows.append(PlanRow(lr.name, lr.role, lr.bits, lr.partner, granularity, factor, layer.bias is not None))
+        zero_point = lr.bits < 32 and quantized[lr.name].zero_point is not None
+        rows.append(PlanRow(lr.name, lr.role, lr.bits, lr.partner, granularity, factor, layer.bias is not None,
+                            zero_point))
 
     codes, blobs = [], {}
     for key, value in state.items():
@@ -214,6 +217,8 @@ def save_quantized(qmodel: nn.Module, report, path: str | os.PathLike, model_nam
         numbers = [q.scale.detach().cpu().to(value.dtype).reshape(-1)]
         c = factors[key[:-len(".weight")]]
         blobs.setdefault(value.dtype, []).extend(numbers + ([] if c is None else [c.reshape(-1)]))
+        if q.zero_point is not None:
+            blobs.setdefault(torch.int16, []).append(q.zero_point.detach().cpu().to(torch.int16).reshape(-1))
     tensors = {"codes": torch.from_numpy(np.concatenate(codes) if codes else np.zeros(0, np.uint8))}
     tensors.update({str(dtype).replace("torch.", ""): torch.cat(parts) for dtype, parts in blobs.items()})
     # a dtype whose numbers are all zero is left out (BatchNorm's num_batches_tracked, in most models)
@@ -274,7 +279,8 @@ def _read(path: str | os.PathLike) -> tuple[dict, dict]:
         rows = decode_plan(meta["plan"])
     except (KeyError, ValueError, TypeError, IndexError):
         raise DfmpcError(f"{str(path)!r} is not a file this dfmpc wrote: its field 'plan' cannot be read (expected "
-                         "layers, bits, pairs, roles, scales, compensation and bias of equal lengths); write it again")\
+                         "layers, bits, pairs, roles, scales, compensation, bias and zero points of equal lengths); "
+                         "write it again")\
             from None
     check_plan(rows, meta["bits"], meta["settings"].get("unpaired", "high"), path)
     try:  # every tensor lies inside the file (read_header checked it): what this allocates is at most its size
@@ -311,8 +317,21 @@ def load_quantized(path: str | os.PathLike, model: nn.Module | None = None) -> n
     return arch.eval()
 
 
-def _unpacked_state(meta: dict, tensors: dict, arch: nn.Module, state: dict) -> dict:
-    """The state dict of the quantized model: codes dequantized, compensation applied, everything else as saved."""
+def read_quantized(path: str | os.PathLike, model: nn.Module) -> dict[str, QuantizedTensor]:
+    """Layer name -> the :class:`QuantizedTensor` (codes, scales, zero points) of every quantized weight in a
+    ``.dfmpc`` file; ``model``: what :func:`load_quantized` returned for it (its ``state_dict`` is the file's
+    layout). The file is checked as :func:`load_quantized` checks it."""
+    meta, tensors = _read(path)
+    state = model.state_dict()
+    _check_layout(meta, state, f"model= {type(model).__name__}")
+    quantized = {}
+    _unpacked_state(meta, tensors, model, state, quantized)
+    return quantized
+
+
+def _unpacked_state(meta: dict, tensors: dict, arch: nn.Module, state: dict, quantized: dict | None = None) -> dict:
+    """The state dict of the quantized model: codes dequantized, compensation applied, everything else as saved;
+    every layer's :class:`QuantizedTensor` goes into ``quantized`` where it is given."""
     modules = dict(arch.named_modules())
     layers = {f"{row.name}.weight": row for row in meta["plan"] if row.bits < 32}
     blobs = {name: t for name, t in tensors.items() if name != "codes"}
@@ -349,12 +368,15 @@ def _unpacked_state(meta: dict, tensors: dict, arch: nn.Module, state: dict) -> 
             raise DfmpcError(f"layer {name!r} has ternary codes outside {{-1, 0, +1}}: the file is damaged")
         level = torch.from_numpy(values.astype(np.int16) - (1 if bits == 2 else 0))
         scale = take(ref.dtype, 1 if granularity == "tensor" else ref.shape[0]).clone()
-        q = QuantizedTensor(codes=level.to(torch.int8 if bits <= 7 else torch.int16).reshape(ref.shape),
-                            scale=scale.reshape(()) if granularity == "tensor" else scale, bits=bits,
-                            granularity=granularity)
         layer = modules[name]
         c = None if factor is None else take(ref.dtype, {"in": layer.weight.shape[1] * getattr(layer, "groups", 1),
                                                            "out": ref.shape[0]}[factor]).clone()
+        zero_point = take(torch.int16, ref.shape[0]).clone() if row.zero_point else None
+        q = QuantizedTensor(codes=level.to(torch.int8 if bits <= 7 else torch.int16).reshape(ref.shape),
+                            scale=scale.reshape(()) if granularity == "tensor" else scale, bits=bits,
+                            granularity=granularity, zero_point=zero_point)
+        if quantized is not None:
+            quantized[name] = q
         out[key] = _apply_factor(layer, q.dequantize().to(ref.dtype), factor, c)
     for name, t in tensors.items():
         if offsets[name] != t.numel():

@@ -216,12 +216,16 @@ _FACTORS = {"in": "i", "out": "o", None: "-"}
 def encode_plan(rows: list[PlanRow]) -> dict:
     """The plan in few bytes (it is most of the header, and the header counts in the file size): the layer names,
     the bits, the pairs as indices, one letter per layer for the role (l/h/u/f), the scale granularity (t/c/-),
-    the compensation multiplied into the weight (i: per input channel, o: per output channel, -) and the bias."""
+    the compensation multiplied into the weight (i: per input channel, o: per output channel, -) and the bias; and,
+    only where a layer has them (an asymmetric grid), which layers store zero points ("zero_points": 1 or 0 each)."""
     index = {r.name: i for i, r in enumerate(rows)}
-    return {"layers": [r.name for r in rows], "bits": [r.bits for r in rows],
+    plan = {"layers": [r.name for r in rows], "bits": [r.bits for r in rows],
             "pairs": [[i, index[r.partner]] for i, r in enumerate(rows) if r.role == "low" and r.partner in index],
             "roles": "".join(_ROLES[r.role] for r in rows), "scales": "".join(_GRANULARITIES[r.granularity] for r in rows),
             "compensation": "".join(_FACTORS[r.factor] for r in rows), "bias": "".join("1" if r.has_bias else "0" for r in rows)}
+    if any(r.zero_point for r in rows):  # a symmetric model's plan stays as it was
+        plan["zero_points"] = "".join("1" if r.zero_point else "0" for r in rows)
+    return plan
 
 
 class PlanRow(NamedTuple):
@@ -234,6 +238,7 @@ class PlanRow(NamedTuple):
     granularity: str | None  # "tensor" | "channel" (None: full precision)
     factor: str | None  # "in" | "out": the compensation vector multiplied into the weight along that axis
     has_bias: bool
+    zero_point: bool = False  # k-bit codes on an asymmetric grid: one int16 zero point per output channel
 
 
 def decode_plan(plan: dict) -> list[PlanRow]:
@@ -243,9 +248,14 @@ def decode_plan(plan: dict) -> list[PlanRow]:
     for low, high in plan["pairs"]:
         partner[names[low]], partner[names[high]] = names[high], names[low]
     decode = [{v: k for k, v in table.items()} for table in (_ROLES, _GRANULARITIES, _FACTORS)]
-    columns = (plan["roles"], plan["scales"], plan["compensation"], plan["bias"], plan["bits"])
+    zero_points = plan.get("zero_points", "0" * len(names))
+    columns = (plan["roles"], plan["scales"], plan["compensation"], plan["bias"], plan["bits"], zero_points)
     if any(len(col) != len(names) for col in columns) or not all(isinstance(n, str) for n in names):
         raise ValueError("plan columns of different lengths")
+    if not isinstance(zero_points, str) or set(zero_points) - {"0", "1"}:
+        raise ValueError("zero points not a string of 0 and 1")
+    if any(z == "1" and not (2 < b < 32 and g == "c") for z, b, g in zip(zero_points, plan["bits"], plan["scales"])):
+        raise ValueError("a zero point on a layer that is not k-bit with per-channel scales")
     if any(b not in range(MIN_BITS, MAX_BITS + 1) and b != 32 for b in plan["bits"]):
         raise ValueError("bits out of range")
     if any((b < 32) != (g != "-") for b, g in zip(plan["bits"], plan["scales"])):
@@ -253,5 +263,6 @@ def decode_plan(plan: dict) -> list[PlanRow]:
     if any(not 0 <= i < len(names) for pair in plan["pairs"] for i in pair):
         raise ValueError("pair index out of range")
     return [PlanRow(name, decode[0][plan["roles"][i]], int(plan["bits"][i]), partner.get(name),
-                    decode[1][plan["scales"][i]], decode[2][plan["compensation"][i]], plan["bias"][i] == "1")
+                    decode[1][plan["scales"][i]], decode[2][plan["compensation"][i]], plan["bias"][i] == "1",
+                    zero_points[i] == "1")
             for i, name in enumerate(names)]

@@ -35,8 +35,11 @@ The grid is this project's, not the reference's, and the bits come from the plan
   so SQuant decides only between the two levels around every weight, as it does on a grid that holds all weights.
   This extension to ternary codes is ours; the paper quantizes to 4 bits and more.
 
-What the reference does and this file does not: its grid is asymmetric per-channel min/max with an integer zero
-point (ZeroQ's quantizer, so zero is a level; here the project's symmetric grids); it quantizes activations too
+With ``grid="asymmetric"``, k >= 3 bits use the reference's grid instead: ZeroQ's per-channel min/max quantizer
+with an integer zero point (:func:`dfmpc.quantizers.asymmetric_quantize`, so zero is a level), ``x = w / step +
+zero_point``; ternary layers keep the ternary grid (the reference has none).
+
+What the reference does and this file does not: it quantizes activations too
 (weights only here) and keeps the first layer's input in full precision and the last layer's input at 8 bits
 (here every layer's weight bits come from dfmpc's plan, and activations are not quantized); a kernel whose error
 sum is exactly zero takes its candidate from index -1 of its order (out of range in the CUDA kernel; here it
@@ -45,7 +48,8 @@ offers none); a candidate that cannot flip (its neighbour off the grid) is skipp
 near-ties can round differently. Ties in ``|e|`` go to the lower index (stable sort).
 
 Settings and defaults: ``granularity="channel"`` (the reference's per-output-channel weight scales),
-``squant_k=True`` and ``squant_c=True`` (the reference's full "squant" mode). Nothing is tuned.
+``squant_k=True`` and ``squant_c=True`` (the reference's full "squant" mode), ``grid="symmetric"`` (the project's
+grids, those of every other method of the comparison). Nothing is tuned.
 """
 from __future__ import annotations
 
@@ -53,9 +57,11 @@ import torch
 
 from .errors import DfmpcError
 from .numerics import ROW_CHUNK_ELEMENTS, check_bit_width, divide_where_positive, per_row, row_chunks
-from .quantizers import QuantizedTensor, ternary_quantize, uniform_grid_position, uniform_quantize
+from .quantizers import QuantizedTensor, asymmetric_grid_position, ternary_quantize, uniform_grid_position, uniform_quantize
 
-__all__ = ["CHUNK", "squant_round", "squant_quantize", "grid_position", "squant_reference_grid"]
+__all__ = ["CHUNK", "GRIDS", "squant_round", "squant_quantize", "grid_position", "squant_reference_grid"]
+
+GRIDS = ("symmetric", "asymmetric")
 
 # weights rounded at a time (whole output channels): a cache-sized chunk (numerics.ROW_CHUNK_ELEMENTS), twice as fast
 # as 4 million at a time on a 2.4-million-weight layer, and bounded memory; the result is the same
@@ -183,9 +189,21 @@ def grid_position(w: torch.Tensor, bits: int, granularity: str = "channel") -> t
 
 
 def squant_quantize(w: torch.Tensor, bits: int, granularity: str = "channel", squant_k: bool = True,
-                    squant_c: bool = True) -> QuantizedTensor:
+                    squant_c: bool = True, grid: str = "symmetric") -> QuantizedTensor:
     """SQuant's codes on the grid of ``quantize_weight(w, bits, granularity)`` (same scales): 2 bits ternary
-    codes {-1, 0, 1} starting from TWN's, k >= 3 bits DoReFa codes 0..2^k - 1 starting from round to nearest."""
+    codes {-1, 0, 1} starting from TWN's, k >= 3 bits DoReFa codes 0..2^k - 1 starting from round to nearest.
+    ``grid="asymmetric"``: k >= 3 bits on the reference's min/max grid with a zero point per output channel
+    (``granularity`` must be "channel"), starting from its round to nearest; ternary as above."""
+    if grid not in GRIDS:
+        raise DfmpcError(f"unknown grid {grid!r}; use one of {', '.join(GRIDS)}")
+    if grid == "asymmetric" and bits > 2:
+        if granularity != "channel":
+            raise DfmpcError("the asymmetric grid has one step and zero point per output channel; use "
+                             "granularity='channel' with grid='asymmetric'")
+        x, step, zero_point = asymmetric_grid_position(w, bits)
+        codes = squant_round(x, 0, 2**bits - 1, squant_k=squant_k, squant_c=squant_c)
+        return QuantizedTensor(codes=codes.to(torch.int16 if bits > 7 else torch.int8), scale=step, bits=bits,
+                               granularity="channel", zero_point=zero_point.to(torch.int16))
     x, base = grid_position(w, bits, granularity)
     lo, hi = (-1, 1) if bits == 2 else (0, 2**bits - 1)
     codes = squant_round(x, lo, hi, start=base.codes, squant_k=squant_k, squant_c=squant_c)
@@ -199,8 +217,9 @@ def squant_reference_grid(w: torch.Tensor, bits: int, squant_k: bool = True, squ
     (min and max of the channel's weights), levels ``step * (offset + c)`` for codes ``c = 0..n`` and the integer
     ``offset = round(min / step)`` (so zero is a level). SQuant's flips (:func:`squant_round`) act on the
     weight's position ``w / step - offset`` in that grid. With ``squant_k=squant_c=False`` this is their
-    round to nearest. Only for measuring that grid against ours (``dfmpc experiments deviations``): the
-    project's codes, its file format and its ONNX export are symmetric, without a zero point.
+    round to nearest. The reference's arithmetic, in float64, as ``dfmpc experiments deviations`` measured it;
+    ``squant_quantize(w, bits, grid="asymmetric")`` gives the same codes as a :class:`QuantizedTensor` (a zero point
+    and a float32 step: the weights agree to float32 rounding) that the file format and ONNX export store.
     """
     check_bit_width(bits)
     if bits < 3:

@@ -213,7 +213,7 @@ def test_method_quantizes_every_layer_with_squant_codes_deterministically(bits):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # input model untouched
     assert report.method == "squant" and report.bits == bits
     assert report.settings == {"granularity": "channel", "unpaired": "high", "keep_fp32": [], "squant_k": True,
-                               "squant_c": True}
+                               "squant_c": True, "grid": "symmetric"}
     fp = dict(model.named_modules())
     modules = dict(q1.named_modules())
     low = [lr.name for lr in report.layers if lr.role == "low"]

@@ -4,10 +4,8 @@ The comparison (:mod:`.compare`) runs two data-free competitors differently from
 deviations (:mod:`.deviations`) list and measure on the development cell:
 
 * **SQuant** flip-rounds on our symmetric max-|w| grid; the authors' reference code uses an asymmetric per-channel
-  min/max grid with an integer zero point. Our codes and files have no zero point, so the authors' grid is
-  simulated: SQuant's quantized model with the weight of every 3- to 8-bit layer replaced by
-  :func:`dfmpc.rounding.squant_reference_grid` of its full-precision weight (the ternary layers stay ours: the
-  reference has no ternary grid). Such a model is evaluated, never saved.
+  min/max grid with an integer zero point: ``grid="asymmetric"`` (its 3- to 8-bit layers; the ternary layers stay
+  ours: the reference has no ternary grid). Its zero points count in the model size, 16 bits each.
 * **OCS** quantizes with one scale per output channel; the authors use one per tensor (``granularity="tensor"``).
 
 This experiment runs both at the authors' settings once on the test half of every model of the comparison, with
@@ -17,22 +15,18 @@ competitor at its strongest. Nothing here decides anything: it runs once, with t
 """
 from __future__ import annotations
 
-import copy
-import time
-
 from ..methods import METHODS, settings_for_model
-from ..rounding import squant_reference_grid
-from .compare import accuracy_scores, figure, measured_row, model_entry
+from .compare import figure, measured_row, model_entry
 from .verdict import MODEL_LABELS, standing
 
-__all__ = ["NAME", "TITLE", "BOOK_PRESET", "SETTINGS", "AUTHORS", "AUTHORS_LABELS", "on_reference_grid", "run", "strongest",
+__all__ = ["NAME", "TITLE", "BOOK_PRESET", "SETTINGS", "AUTHORS", "AUTHORS_LABELS", "run", "strongest",
            "method_label", "rows"]
 
 NAME = "authors_data_free"
 TITLE = "SQuant (the reference's asymmetric grid) and OCS (one scale per tensor) at their authors' settings, test half"
 BOOK_PRESET = "full"
-#: method -> how it runs at its authors' setting: settings on top of its defaults, or its weights on another grid
-AUTHORS = {"squant": {"grid": "reference (asymmetric min/max, zero point)"}, "ocs": {"granularity": "tensor"}}
+#: method -> its settings at its authors' setting, on top of its defaults
+AUTHORS = {"squant": {"grid": "asymmetric"}, "ocs": {"granularity": "tensor"}}
 #: method -> its authors' setting in a table's cell
 AUTHORS_LABELS = {"squant": "authors' grid", "ocs": "per tensor"}
 SETTINGS = {
@@ -42,33 +36,6 @@ SETTINGS = {
                         "efficientnet_lite0", "efficientnet_lite2"], "images": None, "split": "test",
              "bits": ["2/6", "3/6", "4/6"]},
 }
-
-
-def on_reference_grid(model, quantized, report):
-    """A copy of SQuant's ``quantized`` model (``report``: its report) with the weight of every 3- to 8-bit layer
-    flip-rounded on the authors' reference grid from ``model``'s full-precision weight; the ternary layers as they
-    are."""
-    net = copy.deepcopy(quantized)
-    full, layers = dict(model.named_modules()), dict(net.named_modules())
-    for layer in report.layers:
-        if layer.role != "fp32" and 3 <= layer.bits <= 8:
-            layers[layer.name].weight.data = squant_reference_grid(full[layer.name].weight.data, layer.bits)
-    return net
-
-
-def _reference_grid_row(session, name: str, dataset: str, images, split, bits: str, fp, labelled: bool,
-                        settings: dict) -> dict:
-    """A row as :func:`.compare.measured_row` gives it, for SQuant on the authors' grid (no file size: the
-    reference's zero points are not part of our format)."""
-    model, _ = session.model(name)
-    quantized, report = session.quantized(name, "squant", bits, **settings)
-    start = time.perf_counter()
-    net = on_reference_grid(model, quantized, report)
-    seconds = report.seconds + time.perf_counter() - start
-    pred, _ = session.evaluate(net, name, dataset, images, split, f"{name} squant {bits} (reference grid)")
-    return {"model": name, "method": "squant", "bits": bits, **accuracy_scores(pred, labelled),
-            "agreement_with_fp32": pred.agreement(fp), "size_mb": None, "quantize_seconds": seconds,
-            "settings": {**report.settings, **AUTHORS["squant"]}}
 
 
 def run(session, cfg: dict) -> dict:
@@ -87,14 +54,9 @@ def run(session, cfg: dict) -> dict:
             for b in cfg["bits"]:
                 for method in methods:
                     bar.set_postfix_str(f"{name} {b} {method}")
-                    settings = settings_for_model(method, spec)
-                    if method == "squant":
-                        row = _reference_grid_row(session, name, dataset, cfg["images"], cfg["split"], b, fp,
-                                                  labelled, settings)
-                    else:
-                        row = measured_row(session, name, dataset, cfg["images"], cfg["split"], method, b, fp,
-                                           labelled, {**settings, **AUTHORS.get(method, {})})
-                    out["rows"].append(row)
+                    settings = {**settings_for_model(method, spec), **AUTHORS.get(method, {})}
+                    out["rows"].append(measured_row(session, name, dataset, cfg["images"], cfg["split"], method, b,
+                                                    fp, labelled, settings))
                     bar.update(1)
     return out
 

@@ -29,7 +29,7 @@ from ..errors import DfmpcError
 from ..plan import UNPAIRED_POLICIES, MixedPrecisionPlan, plan_layers
 from ..quantizers import GRANULARITIES, QuantizedTensor, quantize_weight
 from ..report import LayerReport, QuantizationReport
-from ..size import fp32_size_mb, quantized_size_mb
+from ..size import MIB, fp32_size_mb, quantized_size_mb
 
 __all__ = ["QuantizationMethod", "Run"]
 
@@ -169,6 +169,7 @@ class QuantizationMethod:
                                       details=dict(run.details.get(a.name, {}))))
         size = quantized_size_mb(sized, plan.bits_by_layer(), self.granularity,
                                  self.compensation_storage(compensation, run))
+        size += sum(q.zero_point_bits for q in quantized.values()) / MIB  # an asymmetric grid's zero points
         return QuantizationReport(method=self.name, bits=f"{plan.low_bits}/{plan.high_bits}", settings=self.settings(),
                                   layers=layers, pairs=[(p.low, p.high) for p in plan.pairs], size_mb=size,
                                   fp32_size_mb=fp32_size_mb(model), seconds=seconds, compensation=compensation,
