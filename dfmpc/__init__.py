@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "quantize", "METHODS", "DfmpcError",
-    "ternary_quantize", "uniform_quantize", "quantize_weight", "QuantizedTensor",
+    "ternary_quantize", "uniform_quantize", "quantize_weight", "asymmetric_quantize", "QuantizedTensor",
     "solve_compensation", "compensation_objective", "BatchNormStats",
     "find_pairs", "pairs_from_names", "LayerPair", "plan_layers", "parse_bits",
     "fp32_size_mb", "quantized_size_mb", "save_quantized", "load_quantized",
@@ -29,7 +29,8 @@ __all__ = [
 _EXPORTS = {
     "quantize": "api", "METHODS": "methods",
     "ternary_quantize": "quantizers", "uniform_quantize": "quantizers", "quantize_weight": "quantizers",
-    "QuantizedTensor": "quantizers", "solve_compensation": "compensation", "compensation_objective": "compensation",
+    "asymmetric_quantize": "quantizers", "QuantizedTensor": "quantizers", "solve_compensation": "compensation",
+    "compensation_objective": "compensation",
     "BatchNormStats": "moments", "find_pairs": "graph", "pairs_from_names": "graph", "LayerPair": "graph",
     "plan_layers": "plan", "parse_bits": "bits", "fp32_size_mb": "size", "quantized_size_mb": "size",
     "save_quantized": "packed", "load_quantized": "packed",

@@ -200,8 +200,9 @@ def cmd_quantize(args) -> int:
     results, cold, keep = _measure(args, model, data, device, runs, criterion)
     print(format_table(results))
     print(f"quantize s: after one untimed warm-up quantization ({runs[0][1]} {runs[0][0]} took {cold:.3f} s cold, with "
-          "PyTorch's first-call set-up)\nsize MB: codes at their bit width, 32-bit scales, compensation and other "
-          "parameters (MB of 2^20 bytes); --save adds BatchNorm running statistics and a header")
+          "PyTorch's first-call set-up)\nsize MB: codes at their bit width, 32-bit scales (16-bit zero points on an "
+          "asymmetric grid), compensation and other parameters (MB of 2^20 bytes); --save adds BatchNorm running "
+          "statistics and a header")
     out = {"model": args.model, "weights": weights, "dataset": record["dataset"], "data_dir": record["path"],
            "images": len(data), "data": record, "device": str(device), "seed": args.seed, "version": __version__,
            "torch": torch.__version__, "cold_quantize_seconds": cold,

@@ -14,9 +14,9 @@ pickle: loading runs no code from the file) with
   parameters and running statistics, layers kept in full precision). An integer dtype whose numbers are all
   zero (BatchNorm's ``num_batches_tracked`` in most models) is listed under ``zeros`` instead.
 * metadata ``dfmpc`` (JSON): format and version, the model name, the method, its bits and settings, the plan
-  (every weight layer's role, bits, partner, scale granularity and where its compensation went), the sizes of
-  the report, provenance, a fingerprint of the ``state_dict`` layout, and one SHA-256 over the metadata and
-  every tensor (a changed or truncated file is refused).
+  (every weight layer's role, bits, partner, scale granularity, where its compensation went and whether it has
+  zero points), the sizes of the report, provenance, a fingerprint of the ``state_dict`` layout, and one SHA-256
+  over the metadata and every tensor (a changed or truncated file is refused).
 
 The architecture is not in the file: it comes from the model name (``load_model(name, pretrained=False)``,
 no download) or from ``model=``, a fresh full-precision instance, and the method's structural changes
@@ -298,7 +298,8 @@ def _read(path: str | os.PathLike) -> tuple[dict, dict]:
 
 def read_info(path: str | os.PathLike) -> dict:
     """The metadata of a packed file, checked: model, method, bits, settings, sizes, provenance, and the plan as
-    one tuple per weight layer (name, role, bits, partner, scale granularity, compensation "in"/"out", has bias)."""
+    one tuple per weight layer (name, role, bits, partner, scale granularity, compensation "in"/"out", has bias,
+    has zero points)."""
     return _read(path)[0]
 
 

@@ -81,13 +81,31 @@ def test_fp32_export_and_paper_dfmpc_with_input_channel_compensation(tmp_path, d
         assert (qmodel(data).numpy().argmax(1) == _run_onnx(tmp_path / "d.onnx", data).argmax(1)).mean() >= 0.99
 
 
-def test_codes_from_a_dfmpc_file_are_the_reports(tmp_path, data):
+@pytest.mark.parametrize("method, settings", [("dfmpc+", {}), ("squant", {"grid": "asymmetric"})])
+def test_codes_from_a_dfmpc_file_are_the_reports(tmp_path, data, method, settings):
     net = _calibrated(Block(seed=6), data)
-    qmodel, report = dfmpc.quantize(net, bits="2/6", method="dfmpc+")
+    qmodel, report = dfmpc.quantize(net, bits="2/6", method=method, **settings)
     dfmpc.save_quantized(qmodel, report, tmp_path / "q.dfmpc")
     loaded = dfmpc.load_quantized(tmp_path / "q.dfmpc", model=Block(seed=6))
     from_file, expected = codes_from_file(tmp_path / "q.dfmpc", loaded), integer_codes(report)
     assert set(from_file) == set(expected) and all(torch.equal(from_file[k], expected[k]) for k in expected)
+
+
+def test_an_asymmetric_grid_exports_as_int8_codes_minus_zero_point_and_runs_like_dfmpc(tmp_path, data):
+    """SQuant on its authors' grid: every k-bit weight is (code - zero point) x step, stored in int8 (a 6-bit code
+    minus its zero point lies within -63 .. 63), and onnxruntime computes what dfmpc's model does."""
+    net = _calibrated(Block(seed=7), data)
+    qmodel, report = dfmpc.quantize(net, bits="3/6", method="squant", grid="asymmetric", act_bits=8)
+    assert all(q.zero_point is not None for q in report.quantized.values())
+    codes = integer_codes(report)
+    for name, q in report.quantized.items():
+        assert torch.equal(codes[name], q.codes.to(torch.int16) - q.zero_point.reshape(-1, *([1] * (q.codes.dim() - 1))))
+    info = export_onnx(qmodel, codes, tmp_path / "q.onnx", (3, 8, 8))
+    assert info["float_weights"] == [] and sorted(info["int8_weights"]) == sorted(report.quantized)
+    with torch.no_grad():
+        sim = qmodel(data).numpy()
+    engine = _run_onnx(tmp_path / "q.onnx", data)
+    assert (sim.argmax(1) == engine.argmax(1)).mean() >= 0.99 and np.abs(sim - engine).max() < 0.1  # as above
 
 
 class GridSampled(nn.Module):

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 from nets import random_bn
-from packed_files import rewrite
+from packed_files import read_parts, rewrite
 from torch import fx, nn
 
 import dfmpc
 from dfmpc import DfmpcError, load_quantized, save_quantized
 from dfmpc.methods import METHODS
 from dfmpc.models import load_model
-from dfmpc.packed import PlanRow, decode_plan, encode_plan, pack_codes, read_info, unpack_codes
+from dfmpc.packed import PlanRow, decode_plan, encode_plan, pack_codes, read_info, read_quantized, unpack_codes
 
 WEIGHTS20 = "data/cifar10/weights/he2016_option_a/resnet20-12fca82f.th"
 
@@ -287,3 +287,47 @@ def test_a_file_written_before_the_loader_was_rewritten_still_loads_bit_identica
     out = qmodel(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
     logits = torch.tensor([[float.fromhex(v) for v in row] for row in expected["logits_hex"]], dtype=torch.float64)
     torch.testing.assert_close(out.double(), logits, rtol=0, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- zero points (an asymmetric grid)
+
+def test_squant_on_its_authors_grid_loads_back_bit_identical_with_its_zero_points(tmp_path):
+    """The asymmetric grid's zero points travel in the file (int16, the plan's column "zero_points"), the loaded
+    model computes bit for bit what was saved, and read_quantized gives back every layer's codes, steps and zero
+    points; a symmetric model's plan has no such column (files written before it existed read as they did)."""
+    model = Net().eval()
+    qmodel, report = dfmpc.quantize(model, "2/6", method="squant", grid="asymmetric")
+    path = tmp_path / "q.dfmpc"
+    save_quantized(qmodel, report, path)
+    loaded = load_quantized(path, model=Net(seed=3))
+    assert _same_outputs(qmodel, loaded, torch.randn(4, 3, 8, 8)) and _same_state(qmodel, loaded)
+    plan = read_info(path)["plan"]
+    assert [row.zero_point for row in plan] == [report.quantized[row.name].zero_point is not None for row in plan]
+    assert {row.bits for row in plan if row.zero_point} == {6} and any(row.bits == 2 for row in plan)
+    back = read_quantized(path, loaded)
+    for name, q in report.quantized.items():
+        got = back[name]
+        assert torch.equal(got.codes, q.codes) and torch.equal(got.scale, q.scale), name
+        assert (got.zero_point is None) == (q.zero_point is None), name
+        assert q.zero_point is None or torch.equal(got.zero_point, q.zero_point), name
+    symmetric = tmp_path / "s.dfmpc"
+    save_quantized(*dfmpc.quantize(model, "2/6", method="squant"), symmetric)
+    assert "zero_points" not in read_parts(symmetric)[0]["plan"]
+
+
+@pytest.mark.parametrize("change, needle", [
+    (lambda m: m["plan"].update(zero_points="1" * len(m["plan"]["layers"])), "field 'plan' cannot be read"),
+    (lambda m: m["plan"].update(zero_points="2" + m["plan"]["zero_points"][1:]), "field 'plan' cannot be read"),
+    (lambda m: m["plan"].update(zero_points=m["plan"]["zero_points"][:-1]), "field 'plan' cannot be read"),
+    (lambda m: m["plan"].update(zero_points="0" * len(m["plan"]["layers"])), "holds"),
+])
+def test_a_file_whose_zero_points_do_not_fit_its_plan_is_refused_in_one_line(tmp_path, change, needle):
+    """Zero points on a ternary layer, a column of other letters or length, or zero points the plan does not
+    announce (the int16 numbers left over): one line, no traceback."""
+    qmodel, report = dfmpc.quantize(Net(), "2/6", method="squant", grid="asymmetric")
+    path = tmp_path / "q.dfmpc"
+    save_quantized(qmodel, report, path)
+    rewrite(path, change)
+    with pytest.raises(DfmpcError) as e:
+        load_quantized(path, model=Net())
+    assert needle in _one_line(e)

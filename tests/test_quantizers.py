@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from dfmpc import DfmpcError, quantize_weight, ternary_quantize, uniform_quantize
+from dfmpc.quantizers import QuantizedTensor, asymmetric_quantize
 
 
 def eq6_reference(w, k):
@@ -130,3 +131,43 @@ def test_the_searches_give_the_same_bits_one_row_at_a_time_and_all_at_once(monke
         results[elements] = searches()
     for one_row, all_rows in zip(results[1], results[10**12]):
         assert torch.equal(one_row.codes, all_rows.codes) and torch.equal(one_row.scale, all_rows.scale)
+
+
+# ------------------------------------------------------------------------------ the asymmetric (min/max) grid
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_asymmetric_quantize_picks_the_nearest_level_of_a_min_max_grid_that_holds_zero(bits):
+    """Brute force: every weight's value is the nearest of the 2^k levels step * (c - zero_point) of its channel;
+    the levels span the channel's range (up to half a step, the integer zero point moves them) and zero is one."""
+    torch.manual_seed(bits)
+    w = torch.randn(12, 5, 3, 3) * torch.rand(12, 1, 1, 1) + 0.05 * torch.randn(12, 1, 1, 1)
+    q = asymmetric_quantize(w, bits)
+    n = 2**bits - 1
+    levels = q.scale.double()[:, None] * (torch.arange(n + 1, dtype=torch.float64)[None, :] - q.zero_point.double()[:, None])
+    rows = w.double().reshape(12, -1)
+    nearest = levels.gather(1, (rows[:, :, None] - levels[:, None, :]).abs().argmin(2))
+    torch.testing.assert_close(q.dequantize().double().reshape(12, -1), nearest, rtol=0, atol=1e-6)
+    assert (levels[:, :1] <= rows.min(1, keepdim=True).values + q.scale.double()[:, None] / 2 + 1e-7).all()
+    assert (levels[:, -1:] >= rows.max(1, keepdim=True).values - q.scale.double()[:, None] / 2 - 1e-7).all()
+    assert ((levels == 0).sum(1) == 1).all()  # zero is a level where the range holds zero
+    assert q.weight_bits + q.scale_bits + q.zero_point_bits == w.numel() * bits + 12 * 32 + 12 * 16
+
+
+def test_a_channel_too_narrow_for_an_int16_zero_point_is_widened_to_hold_zero():
+    w = torch.randn(3, 4, 3, 3)
+    w[1] = 0.5  # constant: the reference's step would be 1e-12 and its zero point -5e11
+    w[2] = 2.0 + 1e-6 * torch.randn(4, 3, 3)
+    q = asymmetric_quantize(w, 4)
+    assert q.zero_point.abs().max() <= 2**15 - 1 and q.zero_point[1:].tolist() == [0, 0]
+    assert torch.allclose(q.dequantize()[1:], w[1:], atol=0.07)  # half a step of [0, 2] at 4 bits
+    assert torch.equal(q.dequantize()[1], w[1])  # a constant channel's value is a level
+
+
+def test_a_zero_point_belongs_to_k_bit_per_channel_codes():
+    q = asymmetric_quantize(torch.randn(4, 3), 4)
+    for bad in [dict(bits=2), dict(granularity="tensor"), dict(zero_point=torch.zeros(3, dtype=torch.int16))]:
+        with pytest.raises(DfmpcError, match="a zero point belongs to a k-bit"):
+            QuantizedTensor(**{"codes": q.codes, "scale": q.scale, "bits": 4, "granularity": "channel",
+                               "zero_point": q.zero_point, **bad})
+    with pytest.raises(DfmpcError, match="for 3- to 8-bit weights"):
+        asymmetric_quantize(torch.randn(4, 3), 2)

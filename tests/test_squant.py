@@ -8,6 +8,7 @@ from nets import random_bn
 from torch import nn
 
 import dfmpc
+from dfmpc.cifar_resnet import CifarResNet
 from dfmpc.errors import DfmpcError
 from dfmpc.methods import METHODS
 from dfmpc.methods.squant import SQuant, grid_position, squant_quantize, squant_round
@@ -302,3 +303,52 @@ def test_the_reference_grid_is_the_authors_quantizer_and_squant_flips_on_it(bits
 def test_the_reference_grid_has_no_ternary_mode():
     with pytest.raises(DfmpcError, match="3 to 8 bits"):
         squant_reference_grid(torch.randn(4, 4, 3, 3), 2)
+
+
+@pytest.mark.parametrize("bits", [3, 4, 6, 8])
+def test_squant_on_the_asymmetric_grid_gives_the_reference_grids_codes_with_a_zero_point(bits):
+    """grid="asymmetric" stores what squant_reference_grid (the reference's arithmetic, float64) computes: the same
+    codes, as codes, a float32 step and an int16 zero point per output channel, within float32 rounding."""
+    torch.manual_seed(bits)
+    w = torch.randn(16, 8, 3, 3) * 0.1 + 0.02
+    q = squant_quantize(w, bits, grid="asymmetric")
+    assert q.zero_point is not None and q.zero_point.dtype == torch.int16 and q.scale.dtype == torch.float32
+    assert q.codes.min() >= 0 and q.codes.max() <= 2**bits - 1
+    reference = squant_reference_grid(w, bits).double()
+    torch.testing.assert_close(q.dequantize().double(), reference, rtol=0, atol=2e-7 * w.abs().max().item())
+    step = q.scale.double().view(-1, 1, 1, 1)
+    assert torch.equal(torch.round(reference / step), q.codes.double() - q.zero_point.double().view(-1, 1, 1, 1))
+    nearest = squant_quantize(w, bits, squant_k=False, squant_c=False, grid="asymmetric")
+    torch.testing.assert_close(nearest.dequantize().double(), _reference_round_to_nearest(w, bits).double(),
+                               rtol=0, atol=2e-7 * w.abs().max().item())
+
+
+def test_the_asymmetric_grid_leaves_ternary_layers_on_the_ternary_grid_and_needs_per_channel_scales():
+    w = torch.randn(8, 4, 3, 3)
+    ternary, ours = squant_quantize(w, 2, grid="asymmetric"), squant_quantize(w, 2)
+    assert torch.equal(ternary.codes, ours.codes) and torch.equal(ternary.scale, ours.scale)
+    assert ternary.zero_point is None
+    with pytest.raises(DfmpcError, match="granularity='channel'"):
+        squant_quantize(w, 4, granularity="tensor", grid="asymmetric")
+    with pytest.raises(DfmpcError, match="unknown grid 'minmax'; use one of symmetric, asymmetric"):
+        squant_quantize(w, 4, grid="minmax")
+    with pytest.raises(DfmpcError, match="granularity='channel'"):
+        SQuant("3/6", granularity="tensor", grid="asymmetric")
+    with pytest.raises(DfmpcError, match="unknown grid"):
+        SQuant("3/6", grid=1)
+
+
+def test_squant_at_its_authors_grid_as_a_method_counts_its_zero_points_in_the_size():
+    """The 3- to 8-bit layers carry one 16-bit zero point per output channel; the ternary layers none."""
+    torch.manual_seed(0)
+    model = CifarResNet(depth=8).eval()
+    ours, ours_report = dfmpc.quantize(model, "2/6", method="squant")
+    theirs, report = dfmpc.quantize(model, "2/6", method="squant", grid="asymmetric")
+    assert report.settings["grid"] == "asymmetric" and ours_report.settings["grid"] == "symmetric"
+    zero_points = {name: q.zero_point for name, q in report.quantized.items() if q.zero_point is not None}
+    assert set(zero_points) == {name for name, q in report.quantized.items() if q.bits > 2} != set()
+    counted = sum(z.numel() for z in zero_points.values()) * 16 / (8 * 2**20)
+    assert report.size_mb == pytest.approx(ours_report.size_mb + counted, rel=0, abs=1e-12)
+    modules = dict(theirs.named_modules())
+    for name, q in report.quantized.items():
+        assert torch.equal(modules[name].weight, q.dequantize()), name
