@@ -31,7 +31,7 @@ from .numerics import by_row_chunks, check_bit_width, divide_where_positive, pos
 from .quantizers import QuantizedTensor, check_weight
 
 __all__ = ["SEARCH_LIMIT", "mse_optimal_ternary", "mse_optimal_uniform", "mse_optimal_quantize",
-           "weighted_quantization_error"]
+           "weighted_quantization_error", "cosine_optimal_asymmetric_grid"]
 
 
 SEARCH_LIMIT = 2**22  # weights searched for the clipping scales of one tensor (see mse_optimal_uniform)
@@ -199,3 +199,61 @@ def weighted_quantization_error(w: torch.Tensor, q: QuantizedTensor, weights: to
     v = _weights_like(w, weights)
     d = (w.double() - q.dequantize().double()) ** 2 * v
     return d.reshape(w.shape[0], -1).sum(dim=1)
+
+
+def _asymmetric_grid(low: torch.Tensor, high: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step and integer zero point per row of the k-bit grid from ``low`` to ``high`` (both hold zero)."""
+    step = ((high - low) / n).clamp(min=1e-12)
+    return step, torch.round(-low / step)
+
+
+def _asymmetric_levels(x: torch.Tensor, step: torch.Tensor, zero_point: torch.Tensor, n: int) -> torch.Tensor:
+    """Round-to-nearest codes minus the zero point, in steps (rows of ``x``)."""
+    return torch.round(x / step[:, None] + zero_point[:, None]).clamp(0, n) - zero_point[:, None]
+
+
+def _asymmetric_ratio_search(x, v, low, high, n: int, grid: int, fine: int) -> torch.Tensor:
+    """The ratio r of every row whose grid from r low to r high has the largest weighted cosine with the row: a coarse
+    grid of ratios in (0, 1], then a fine grid around each row's best (as :func:`_clip_ratio_search`)."""
+    def score(ratio):  # lower is better: minus the squared cosine times |x|_v^2
+        step, zero_point = _asymmetric_grid(low * ratio, high * ratio, n)
+        levels = _asymmetric_levels(x, step, zero_point, n)
+        num, den = (v * x * levels).sum(dim=1), (v * levels * levels).sum(dim=1)
+        return -divide_where_positive(num * num, den, torch.zeros_like(den))
+
+    best_ratio = torch.ones_like(low)
+    best = score(best_ratio)
+    for r in torch.arange(1, grid, dtype=torch.float64) / grid:
+        value = score(torch.full_like(best_ratio, r))
+        better = value < best
+        best, best_ratio = torch.where(better, value, best), torch.where(better, r, best_ratio)
+    for t in torch.linspace(-1, 1, 2 * fine + 1, dtype=torch.float64):
+        r = (best_ratio + t / grid).clamp(1 / (grid * fine), 1.0)
+        value = score(r)
+        better = value < best
+        best, best_ratio = torch.where(better, value, best), torch.where(better, r, best_ratio)
+    return best_ratio
+
+
+def cosine_optimal_asymmetric_grid(w: torch.Tensor, bits: int, weights: torch.Tensor | None = None, grid: int = 32,
+                                   fine: int = 8, search: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The asymmetric k-bit grid of every output channel (``(step, zero_point)``, float64, one each per channel)
+    whose round-to-nearest codes have the largest weighted cosine ``<q, w>_v / (|q|_v |w|_v)`` with the channel:
+    the grid from ``r min(w, 0)`` to ``r max(w, 0)`` (so that zero is a level, and the zero point lies in
+    0 .. 2^k - 1), the clipping ratio ``r`` in (0, 1] searched as the symmetric one of :func:`mse_optimal_uniform`
+    (coarse, then fine; on at most :data:`SEARCH_LIMIT` weights). ``search=False``: ``r = 1``, the channel's range.
+    The cosine is what is left of the error once the channel's gain is corrected, as for the symmetric grid."""
+    check_weight(w)
+    check_bit_width(bits, 3, "uniform bits")
+    if w.dim() < 2:
+        raise DfmpcError(f"the asymmetric grid needs a weight of at least 2 dims [out, in, ...], got shape {tuple(w.shape)}")
+    n = 2**bits - 1
+    x, v = _rows(w.detach().double(), "channel"), _rows(_weights_like(w, weights), "channel")
+    low, high = x.amin(dim=1).clamp(max=0), x.amax(dim=1).clamp(min=0)
+    if search:
+        stride = -(-x.numel() // SEARCH_LIMIT)
+        ratio = by_row_chunks(lambda x_rows, v_rows, low_rows, high_rows: _asymmetric_ratio_search(
+            x_rows, v_rows, low_rows, high_rows, n, grid, fine), x[:, ::stride], v[:, ::stride], low, high)
+    else:
+        ratio = torch.ones_like(low)
+    return _asymmetric_grid(low * ratio, high * ratio, n)

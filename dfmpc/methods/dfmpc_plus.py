@@ -45,7 +45,7 @@ import math
 import torch
 from torch import nn
 
-from ..clipping import mse_optimal_quantize, mse_optimal_ternary
+from ..clipping import cosine_optimal_asymmetric_grid, mse_optimal_quantize, mse_optimal_ternary
 from ..errors import DfmpcError
 from ..graph import trace
 from ..moments import expected_output_shift, per_input_channel
@@ -56,12 +56,13 @@ from ..quantizers import QuantizedTensor, quantize_weight, uniform_grid_position
 from ..rounding import squant_round
 from .base import QuantizationMethod
 
-__all__ = ["DFMPCPlus", "GAINS", "ROUNDINGS", "flip_rounded",
+__all__ = ["DFMPCPlus", "GAINS", "ROUNDINGS", "GRIDS", "flip_rounded", "asymmetric_codes",
            "channel_gain", "compensation_from_gain", "coupled_objective", "coupled_gain",
            "fit_kernel_correlation", "correlated_cosine", "correlated_ternary"]
 
 GAINS = ("unbiased", "least-squares", "variance", "none")
 ROUNDINGS = ("nearest", "flip")
+GRIDS = ("symmetric", "asymmetric")
 
 
 def flip_rounded(w: torch.Tensor, q: QuantizedTensor) -> QuantizedTensor:
@@ -70,6 +71,26 @@ def flip_rounded(w: torch.Tensor, q: QuantizedTensor) -> QuantizedTensor:
     instead of to the nearest level."""
     codes = squant_round(uniform_grid_position(w, q.scale, q.bits), 0, 2**q.bits - 1)
     return QuantizedTensor(codes=codes.to(q.codes.dtype), scale=q.scale, bits=q.bits, granularity=q.granularity)
+
+
+def asymmetric_codes(w: torch.Tensor, bits: int, weights: torch.Tensor | None = None, search: bool = True,
+                     flip: bool = True) -> QuantizedTensor:
+    """k-bit codes of ``w`` on the asymmetric grid of every output channel with the largest cosine
+    (:func:`dfmpc.clipping.cosine_optimal_asymmetric_grid`; ``search=False``: the channel's range), rounded by
+    SQuant's flip rule on it (``flip=False``: to nearest), stored with the least-squares step for those codes and
+    the grid's zero point."""
+    step, zero_point = cosine_optimal_asymmetric_grid(w, bits, weights, search=search)
+    shape = (-1,) + (1,) * (w.dim() - 1)
+    position = w.double() / step.reshape(shape) + zero_point.reshape(shape)
+    n = 2**bits - 1
+    codes = squant_round(position, 0, n) if flip else torch.round(position).clamp(0, n)
+    x = w.detach().double().reshape(len(w), -1)
+    v = torch.ones_like(x) if weights is None else torch.broadcast_to(weights.double(), w.shape).reshape(len(w), -1)
+    levels = codes.double().reshape(len(w), -1) - zero_point[:, None]
+    least_squares = divide_where_positive((v * x * levels).sum(dim=1), (v * levels * levels).sum(dim=1), step)
+    return QuantizedTensor(codes=codes.to(torch.int16 if bits > 7 else torch.int8),
+                           scale=torch.where(least_squares > 0, least_squares, step).to(w.dtype), bits=bits,
+                           granularity="channel", zero_point=zero_point.to(torch.int16))
 
 
 def channel_gain(w: torch.Tensor, w_q: torch.Tensor, variances: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -283,8 +304,13 @@ class DFMPCPlus(QuantizationMethod):
 
     def __init__(self, bits="2/6", granularity: str = "channel", gain: str = "unbiased", mean_correction: bool = True,
                  weighting: str = "none", correlation="fit", clipping: str = "optimal", rounding: str = "flip",
-                 max_rho: float = 0.9, restarts=(1.0, 0.7, 1.4), **kwargs):
+                 max_rho: float = 0.9, restarts=(1.0, 0.7, 1.4), grid: str = "symmetric", **kwargs):
         super().__init__(bits, granularity=granularity, **kwargs)
+        if grid not in GRIDS:
+            raise DfmpcError(f"unknown grid {grid!r}; use one of {', '.join(GRIDS)}")
+        if grid == "asymmetric" and granularity != "channel":
+            raise DfmpcError("grid='asymmetric' has one step and zero point per output channel; use it with "
+                             "granularity='channel'")
         if gain not in GAINS:
             raise DfmpcError(f"unknown gain {gain!r}; use one of {', '.join(GAINS)}")
         if weighting not in ("variance", "none"):
@@ -306,11 +332,12 @@ class DFMPCPlus(QuantizationMethod):
             raise DfmpcError(f"restarts must be a non-empty list of positive numbers, got {list(restarts)}")
         self.gain, self.mean_correction, self.weighting, self.correlation = gain, bool(mean_correction), weighting, correlation
         self.clipping, self.rounding, self.max_rho, self.restarts = clipping, rounding, float(max_rho), restarts
+        self.grid = grid
 
     def settings(self) -> dict:
         return {**super().settings(), "gain": self.gain, "mean_correction": self.mean_correction,
                 "weighting": self.weighting, "correlation": self.correlation, "clipping": self.clipping,
-                "rounding": self.rounding, "max_rho": self.max_rho, "restarts": list(self.restarts)}
+                "rounding": self.rounding, "max_rho": self.max_rho, "restarts": list(self.restarts), "grid": self.grid}
 
     def prepare(self, model, plan, run):
         run.moments = input_moments(model)  # every layer's input moments, from the BN statistics
@@ -341,6 +368,9 @@ class DFMPCPlus(QuantizationMethod):
         if rho > 0:
             v = None if self.weighting == "none" else _block_variances(run.modules[name], run.moments[name].var)
             return correlated_ternary(weight, rho, v, restarts=self.restarts)
+        if bits > 2 and self.grid == "asymmetric":
+            return asymmetric_codes(weight, bits, self._variances(name, run), search=self.clipping != "none",
+                                    flip=self.rounding == "flip")
         if bits > 2 and self.clipping == "none":
             q = quantize_weight(weight, bits, self.granularity)
         else:
