@@ -29,9 +29,10 @@ import torch
 from .errors import DfmpcError
 from .numerics import by_row_chunks, check_bit_width, divide_where_positive, positive_or_one
 from .quantizers import QuantizedTensor, check_weight
+from .rounding import squant_round
 
 __all__ = ["SEARCH_LIMIT", "mse_optimal_ternary", "mse_optimal_uniform", "mse_optimal_quantize",
-           "weighted_quantization_error", "cosine_optimal_asymmetric_grid"]
+           "weighted_quantization_error", "cosine_optimal_asymmetric_grid", "asymmetric_codes"]
 
 
 SEARCH_LIMIT = 2**22  # weights searched for the clipping scales of one tensor (see mse_optimal_uniform)
@@ -257,3 +258,23 @@ def cosine_optimal_asymmetric_grid(w: torch.Tensor, bits: int, weights: torch.Te
     else:
         ratio = torch.ones_like(low)
     return _asymmetric_grid(low * ratio, high * ratio, n)
+
+
+def asymmetric_codes(w: torch.Tensor, bits: int, weights: torch.Tensor | None = None, search: bool = True,
+                     flip: bool = True) -> QuantizedTensor:
+    """k-bit codes of ``w`` on the asymmetric grid of every output channel with the largest cosine
+    (:func:`cosine_optimal_asymmetric_grid`; ``search=False``: the channel's range), rounded by
+    SQuant's flip rule on it (``flip=False``: to nearest), stored with the least-squares step for those codes and
+    the grid's zero point."""
+    step, zero_point = cosine_optimal_asymmetric_grid(w, bits, weights, search=search)
+    shape = (-1,) + (1,) * (w.dim() - 1)
+    position = w.double() / step.reshape(shape) + zero_point.reshape(shape)
+    n = 2**bits - 1
+    codes = squant_round(position, 0, n) if flip else torch.round(position).clamp(0, n)
+    x = w.detach().double().reshape(len(w), -1)
+    v = torch.ones_like(x) if weights is None else torch.broadcast_to(weights.double(), w.shape).reshape(len(w), -1)
+    levels = codes.double().reshape(len(w), -1) - zero_point[:, None]
+    least_squares = divide_where_positive((v * x * levels).sum(dim=1), (v * levels * levels).sum(dim=1), step)
+    return QuantizedTensor(codes=codes.to(torch.int16 if bits > 7 else torch.int8),
+                           scale=torch.where(least_squares > 0, least_squares, step).to(w.dtype), bits=bits,
+                           granularity="channel", zero_point=zero_point.to(torch.int16))

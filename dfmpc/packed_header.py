@@ -27,8 +27,8 @@ from .bits import MAX_BITS, MIN_BITS, parse_bits
 from .catalog import MODELS
 from .errors import DfmpcError
 
-__all__ = ["MAX_HEADER_BYTES", "TENSOR_DTYPES", "PlanRow", "encode_plan", "decode_plan", "read_header", "check_metadata",
-           "check_plan"]
+__all__ = ["MAX_HEADER_BYTES", "TENSOR_DTYPES", "LATER_SETTINGS", "PlanRow", "encode_plan", "decode_plan",
+           "read_header", "check_metadata", "check_plan"]
 
 #: a dfmpc header is a few kilobytes (the plan's layer names: about 35 bytes per weight layer); a larger one is
 #: not a dfmpc file, and is refused before it is read
@@ -36,6 +36,8 @@ MAX_HEADER_BYTES = 16 * 2**20
 #: safetensors dtype codes -> the names dfmpc gives its tensors ("codes" is uint8, the rest are named by dtype)
 TENSOR_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
                  "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+#: settings that methods gained after files of this format were first written, with the default those files ran at
+LATER_SETTINGS = {"grid": "symmetric"}
 _ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 _FOREIGN = [  # the first bytes of files that people mistake for a quantized model, and what they are
     (b"PK\x03\x04", "a zip archive (the format of torch.save: a PyTorch checkpoint, not a dfmpc quantized model)"),
@@ -166,6 +168,9 @@ def check_metadata(meta: dict, entries: dict, path: str | os.PathLike, methods: 
     except (TypeError, ValueError) as e:  # DfmpcError is a ValueError
         detail = str(e).split(";")[0][:80]
         raise _field(path, "settings", settings, f"the settings of method {meta['method']} ({detail})") from None
+    # a setting added after a file could be written (LATER_SETTINGS) is absent from older files: they ran at its default
+    later = {k: v for k, v in recorded.items() if k not in settings and LATER_SETTINGS.get(k, object()) == v}
+    recorded = {k: v for k, v in recorded.items() if k not in later}
     if set(recorded) != set(settings) or json.dumps(recorded, sort_keys=True) != json.dumps(settings, sort_keys=True):
         raise _field(path, "settings", sorted(settings), f"the settings method {meta['method']} records "
                                                          f"({', '.join(sorted(recorded))})")

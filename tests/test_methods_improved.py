@@ -462,8 +462,7 @@ def test_the_asymmetric_grid_search_reaches_the_brute_force_best_cosine(bits):
 
 @pytest.mark.parametrize("bits", [3, 6])
 def test_asymmetric_codes_flip_on_their_grid_and_store_the_least_squares_step(bits):
-    from dfmpc.clipping import cosine_optimal_asymmetric_grid
-    from dfmpc.methods.dfmpc_plus import asymmetric_codes
+    from dfmpc.clipping import asymmetric_codes, cosine_optimal_asymmetric_grid
 
     w = torch.randn(8, 5, 3, 3, generator=torch.Generator().manual_seed(bits)) + 0.2
     q = asymmetric_codes(w, bits)

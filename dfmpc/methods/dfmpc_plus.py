@@ -45,7 +45,7 @@ import math
 import torch
 from torch import nn
 
-from ..clipping import cosine_optimal_asymmetric_grid, mse_optimal_quantize, mse_optimal_ternary
+from ..clipping import asymmetric_codes, mse_optimal_quantize, mse_optimal_ternary
 from ..errors import DfmpcError
 from ..graph import trace
 from ..moments import expected_output_shift, per_input_channel
@@ -56,7 +56,7 @@ from ..quantizers import QuantizedTensor, quantize_weight, uniform_grid_position
 from ..rounding import squant_round
 from .base import QuantizationMethod
 
-__all__ = ["DFMPCPlus", "GAINS", "ROUNDINGS", "GRIDS", "flip_rounded", "asymmetric_codes",
+__all__ = ["DFMPCPlus", "GAINS", "ROUNDINGS", "GRIDS", "flip_rounded",
            "channel_gain", "compensation_from_gain", "coupled_objective", "coupled_gain",
            "fit_kernel_correlation", "correlated_cosine", "correlated_ternary"]
 
@@ -71,26 +71,6 @@ def flip_rounded(w: torch.Tensor, q: QuantizedTensor) -> QuantizedTensor:
     instead of to the nearest level."""
     codes = squant_round(uniform_grid_position(w, q.scale, q.bits), 0, 2**q.bits - 1)
     return QuantizedTensor(codes=codes.to(q.codes.dtype), scale=q.scale, bits=q.bits, granularity=q.granularity)
-
-
-def asymmetric_codes(w: torch.Tensor, bits: int, weights: torch.Tensor | None = None, search: bool = True,
-                     flip: bool = True) -> QuantizedTensor:
-    """k-bit codes of ``w`` on the asymmetric grid of every output channel with the largest cosine
-    (:func:`dfmpc.clipping.cosine_optimal_asymmetric_grid`; ``search=False``: the channel's range), rounded by
-    SQuant's flip rule on it (``flip=False``: to nearest), stored with the least-squares step for those codes and
-    the grid's zero point."""
-    step, zero_point = cosine_optimal_asymmetric_grid(w, bits, weights, search=search)
-    shape = (-1,) + (1,) * (w.dim() - 1)
-    position = w.double() / step.reshape(shape) + zero_point.reshape(shape)
-    n = 2**bits - 1
-    codes = squant_round(position, 0, n) if flip else torch.round(position).clamp(0, n)
-    x = w.detach().double().reshape(len(w), -1)
-    v = torch.ones_like(x) if weights is None else torch.broadcast_to(weights.double(), w.shape).reshape(len(w), -1)
-    levels = codes.double().reshape(len(w), -1) - zero_point[:, None]
-    least_squares = divide_where_positive((v * x * levels).sum(dim=1), (v * levels * levels).sum(dim=1), step)
-    return QuantizedTensor(codes=codes.to(torch.int16 if bits > 7 else torch.int8),
-                           scale=torch.where(least_squares > 0, least_squares, step).to(w.dtype), bits=bits,
-                           granularity="channel", zero_point=zero_point.to(torch.int16))
 
 
 def channel_gain(w: torch.Tensor, w_q: torch.Tensor, variances: torch.Tensor) -> dict[str, torch.Tensor]:
