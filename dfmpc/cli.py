@@ -96,7 +96,9 @@ def cmd_benchmark(args) -> int:
                   f"{r['min_s']:>7.3f}  {r['device']:<6}  {r['weights']}")
         torch_version = torch.__version__
     if args.json:
-        write_json(args.json, {"torch": torch_version, "rows": rows}, "--json")
+        from .experiments.provenance import code_version
+
+        write_json(args.json, {"torch": torch_version, **code_version(), "rows": rows}, "--json")
     return 0
 
 

@@ -203,9 +203,12 @@ def cmd_quantize(args) -> int:
           "PyTorch's first-call set-up)\nsize MB: codes at their bit width, 32-bit scales (16-bit zero points on an "
           "asymmetric grid), compensation and other parameters (MB of 2^20 bytes); --save adds BatchNorm running "
           "statistics and a header")
+    from .experiments.provenance import code_version
+
+    # the commit and whether the checkout had changes: a stale result can be told from a fresh one
     out = {"model": args.model, "weights": weights, "dataset": record["dataset"], "data_dir": record["path"],
            "images": len(data), "data": record, "device": str(device), "seed": args.seed, "version": __version__,
-           "torch": torch.__version__, "cold_quantize_seconds": cold,
+           **code_version(), "torch": torch.__version__, "cold_quantize_seconds": cold,
            "warmup": {"method": runs[0][1], "bits": runs[0][0], "seconds": cold}, "results": results}
     if args.save:
         out["saved"] = _save(args, results, keep, criterion, weights, record)

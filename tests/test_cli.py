@@ -11,6 +11,7 @@ import torch
 import dfmpc
 from dfmpc.catalog import METHOD_DESCRIPTIONS, MODELS
 from dfmpc.cli import main
+from dfmpc.experiments.provenance import code_version
 from dfmpc.methods import METHODS
 from dfmpc.models import load_model
 
@@ -93,6 +94,7 @@ def test_quantize_explains_itself_and_saves_the_most_accurate(capsys, tmp_path, 
     data = json.loads(out_json.read_text())
     assert {"model", "weights", "dataset", "data_dir", "images", "data", "cold_quantize_seconds", "results"} <= set(data)
     assert data["images"] == 200 and data["model"] == "resnet20_cifar10_a"
+    assert data["commit"] == code_version()["commit"] and len(data["commit"]) == 40  # which code made it
     rows = data["results"]
     assert [r["method"] for r in rows] == ["fp32"] + ["original", "dfmpc", "dfmpc", "dfmpc+"] * 2
     for r in rows:
@@ -131,6 +133,18 @@ def test_save_method_picks_the_model_to_save(capsys, tmp_path, shared):
                        "--save-method", "original")
     assert code == 0 and "saved original 2/6" in out and "the only original model measured" in out
     assert dfmpc.packed.read_info(saved)["method"] == "original"
+
+
+def test_benchmark_times_quantization_and_records_the_code(capsys, tmp_path, shared):
+    out_json = tmp_path / "b.json"
+    code, out, _ = run(capsys, "benchmark", "--models", "resnet20_cifar10_a", "--repeat", "2", "--threads", "1",
+                       "--json", str(out_json))
+    data = json.loads(out_json.read_text())
+    assert code == 0 and "median s" in out and "resnet20_cifar10_a" in out
+    (row,) = data["rows"]
+    assert row["repeat"] == 2 and row["threads"] == 1 and row["pairs"] == 9 and row["parameters"] == 269_722
+    assert 0 < row["min_s"] <= row["median_s"] < 30  # 0.14 s measured here on one thread
+    assert data["commit"] == code_version()["commit"] and data["torch"] == torch.__version__
 
 
 def test_split_evaluates_one_fixed_half_and_says_so(capsys, tmp_path, shared):
