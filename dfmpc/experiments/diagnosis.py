@@ -37,9 +37,12 @@ SETTINGS = {
 #: test image of ResNet-56 at 2/6 and 3/6, where the paper's Table 1 and the issue's 1,000-image figures are.
 BOOK_OVERRIDES = {"placement_model": "resnet56_cifar10_a", "placement_bits": ["2/6", "3/6"], "placement_images": None}
 # Section 5: one scale per tensor (the paper's quantizers), one change at a time. "dfmpc+ ..." rows use dfmpc+
-# stripped to a per-channel gain folded into the BatchNorm after the low layer (no mean correction, the paper's
-# quantizers: same codes as original), which is a gain applied *before* that BatchNorm.
-_GAIN_ONLY = {"granularity": "tensor", "clipping": "none", "correlation": 0.0, "mean_correction": False}
+# stripped to a per-channel gain folded into the BatchNorm after the low layer (no mean correction), which is a gain
+# applied *before* that BatchNorm. Its k-bit codes and scales are original's (max-scale, rounded to nearest: without
+# rounding="nearest" they would be flip-rounded, a second change); its ternary codes are dfmpc+'s MSE-optimal ones
+# with rho = 0, which differ from the paper's threshold on a few per cent of the weights (tested).
+_GAIN_ONLY = {"granularity": "tensor", "clipping": "none", "rounding": "nearest", "correlation": 0.0,
+              "mean_correction": False}
 PLACEMENT_VARIANTS = {
     "original (c = 1)": ("original", {}),
     "DF-MPC: c after BN and ReLU (Eq. 7)": ("dfmpc", dict(DFMPC_SETTINGS)),
