@@ -54,6 +54,7 @@ ABLATION = {
     "ternary search from one start (no restarts)": {"restarts": (1.0,)},
     "fitted kernel correlation capped at 0.5 (not 0.9)": {"max_rho": 0.5},
     "fitted kernel correlation capped at 0.99 (not 0.9)": {"max_rho": 0.99},
+    "asymmetric grid for the k-bit layers": {"grid": "asymmetric"},
 }
 
 
