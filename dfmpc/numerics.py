@@ -18,8 +18,9 @@ __all__ = ["per_row", "positive_or_one", "divide_where_positive", "check_bit_wid
 
 #: A row-wise search runs on chunks of rows of about this many weights, so that the temporaries of its many passes
 #: stay in the CPU's cache. Measured by ``dfmpc experiments speed`` when chunking was introduced (both runs under the same
-#: load, see the history of book/data/speed.json): dfmpc+ on ResNet-18 took 8.89 s on whole layers and 3.89 s on chunks. Every row is computed by the same operations either way, so the
-#: results are the same to the bit (tests/test_quantizers.py checks).
+#: load, see the history of book/data/speed.json): dfmpc+ on ResNet-18 took 8.89 s on whole layers and 3.89 s on
+#: chunks. Every row is computed by the same operations either way, so the results are the same to the bit
+#: (tests/test_quantizers.py checks).
 ROW_CHUNK_ELEMENTS = 1 << 17
 
 
