@@ -135,6 +135,16 @@ def test_the_readme_verdict_quotes_the_comparison():
     assert f"`dfmpc+` keeps {share[r20]:.1f} % (ResNet-20) and {share[r56]:.1f} % (ResNet-56) of full precision" in README
 
 
+def test_the_readme_names_the_choices_pending_adoption():
+    """The README's protocol paragraph says which ablation variants the rule adopted but are not yet the default
+    (compare.PENDING_ADOPTION), and points at that list while it is not empty."""
+    assert ("PENDING_ADOPTION" in README) == bool(compare.PENDING_ADOPTION)
+    phrases = {"ternary search from one start (no restarts)": "a single start of the ternary search",
+               "asymmetric grid for the k-bit layers": "the asymmetric grid for the k-bit layers"}
+    for variant, phrase in phrases.items():
+        assert (phrase in README) == (variant in compare.PENDING_ADOPTION), variant
+
+
 def test_the_readme_engine_figures_are_the_committed_engine_result():
     """The README's onnxruntime paragraph (its command's model, ResNet-56 at W2/6-A8) quotes book/data/engine.json."""
     engine = load_result("engine", ROOT / "book" / "data")

@@ -215,12 +215,11 @@ DECISION_RULE = ("a variant replaces the default if it raises the mean top-1 ove
 #: (40 to 65 minutes on a 2-core CPU). The tests fail on any other adopted variant, and on a stale entry here.
 PENDING_ADOPTION = {
     "ternary search from one start (no restarts)":
-        "adopted by the rule on the development half (ResNet-20 2/6 +0.46, Lite0 2/6 +0.62, nothing else "
-        "changes) after the test-half table was measured; it becomes the default with the next full run",
+        "adopted by the rule on the development half after the test-half table was measured (only the 2/6 cells "
+        "change); it becomes the default with the next full run",
     "asymmetric grid for the k-bit layers":
-        "adopted by the rule on the development half (mean +1.09; Lite0 3/6 +4.77, 4/6 +1.54; worst ResNet-20 3/6 "
-        "-0.48, within its standard error of 0.56); measured after the test-half table, so it becomes the default "
-        "with the next full run, with the results that quote dfmpc+'s cells",
+        "adopted by the rule on the development half after the test-half table was measured; it becomes the "
+        "default with the next full run, with the results that quote dfmpc+'s cells",
 }
 
 
