@@ -64,28 +64,35 @@ def mse_optimal_ternary(w: torch.Tensor, granularity: str = "channel", weights: 
     """
     check_weight(w)
     x = _rows(w.detach().double(), granularity)
-    v = _rows(_weights_like(w, weights), granularity)
+    v = None if weights is None else _rows(_weights_like(w, weights), granularity)  # None: all ones
     a = x.abs()
     stride = -(-x.numel() // SEARCH_LIMIT)
-    searched_a, searched_v = a[:, ::stride], v[:, ::stride]
+    searched_a = a[:, ::stride]
     # every row is its own problem: chunks of rows keep the sort in the cache (numerics.ROW_CHUNK_ELEMENTS)
-    keep, alpha = by_row_chunks(_ternary_choice, searched_a, searched_v)
+    if v is None:
+        keep, alpha = by_row_chunks(lambda a_rows: _ternary_choice(a_rows, None), searched_a)
+    else:
+        keep, alpha = by_row_chunks(_ternary_choice, searched_a, v[:, ::stride])
     if stride > 1:  # the subsample's threshold for the whole row, then the least-squares scale for those codes
         threshold = torch.where(keep.any(dim=1), torch.where(keep, searched_a, torch.inf).amin(dim=1), torch.inf)
         keep = (a >= threshold[:, None]) & (a > 0)
-        s, vv = (v * a * keep).sum(dim=1), (v * keep).sum(dim=1)
+        s, vv = (_weighted(v, a) * keep).sum(dim=1), (keep.double() if v is None else v * keep).sum(dim=1)
         alpha = divide_where_positive(s, vv, torch.zeros_like(vv))
         keep = keep & (alpha[:, None] > 0)
     codes = (torch.sign(x) * keep).to(torch.int8).reshape(w.shape)
     return QuantizedTensor(codes=codes, scale=_scale_out(alpha, granularity, w.dtype), bits=2, granularity=granularity)
 
 
-def _ternary_choice(a: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact per-row optimum: which |w| keep a non-zero code, and the scale alpha."""
-    order = torch.argsort(a, dim=1, descending=True, stable=True)
-    a_sorted, v_sorted = a.gather(1, order), v.gather(1, order)
-    s = torch.cumsum(v_sorted * a_sorted, dim=1)
-    vv = torch.cumsum(v_sorted, dim=1)
+def _ternary_choice(a: torch.Tensor, v: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact per-row optimum: which |w| keep a non-zero code, and the scale alpha (``v=None``: all weights 1)."""
+    a_sorted, order = torch.sort(a, dim=1, descending=True, stable=True)
+    if v is None:
+        s = torch.cumsum(a_sorted, dim=1)
+        vv = torch.arange(1, a.shape[1] + 1, dtype=a.dtype).expand_as(a)  # the cumulative sum of ones, exactly
+    else:
+        v_sorted = v.gather(1, order)
+        s = torch.cumsum(v_sorted * a_sorted, dim=1)
+        vv = torch.cumsum(v_sorted, dim=1)
     gain = divide_where_positive(s * s, vv, torch.zeros_like(vv))
     k = gain.argmax(dim=1)  # number of non-zero codes minus one
     best_s = s.gather(1, k[:, None])[:, 0]
@@ -97,32 +104,52 @@ def _ternary_choice(a: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 def _uniform_codes(x: torch.Tensor, scale: torch.Tensor, n: int) -> torch.Tensor:
-    safe = positive_or_one(scale)
-    return torch.round(n * (x / (2 * safe[:, None]) + 0.5)).clamp(0, n)
+    # in place on one temporary: the operations of round(n (x / (2 scale) + 1/2)).clamp(0, n), in that order
+    codes = x / (2 * positive_or_one(scale)[:, None])
+    return codes.add_(0.5).mul_(n).round_().clamp_(0, n)
+
+
+def _levels(codes: torch.Tensor, n: int) -> torch.Tensor:
+    """The level 2 c / n - 1 of every code c, in units of the scale (overwrites ``codes``)."""
+    return codes.mul_(2).div_(n).sub_(1)
+
+
+def _weighted(v: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """v x; ``v=None`` stands for all-ones weights (x itself: multiplying by 1 is exact, so the sums are the same)."""
+    return x if v is None else v * x
 
 
 def _uniform_error(x, v, scale, n):
     codes = _uniform_codes(x, scale, n)
     q = scale[:, None] * (2 * codes / n - 1)
-    return (v * (x - q) ** 2).sum(dim=1), codes
+    return (_weighted(v, (x - q) ** 2)).sum(dim=1), codes
 
 
 def _uniform_fit(x, v, scale, n):
     """Codes for clipping scale ``scale``, the least-squares reconstruction scale for them, and sum v w q / sum v q^2 parts."""
     codes = _uniform_codes(x, scale, n)
-    lv = 2 * codes / n - 1
-    return codes, (v * x * lv).sum(dim=1), (v * lv * lv).sum(dim=1)
+    lv = _levels(codes.clone(), n)
+    return codes, (_weighted(v, x) * lv).sum(dim=1), (_weighted(v, lv) * lv).sum(dim=1)
 
 
-def _clip_ratio_search(x32: torch.Tensor, v32: torch.Tensor, top: torch.Tensor, n: int, grid: int, fine: int,
+def _cosine_score(x, v, scale, n):
+    """(sum v x l)^2 / sum v l^2 over every row for the levels l of the codes of ``scale`` (0 where no level is
+    non-zero): the squared cosine of the codes with the row times |x|_v^2. The values of :func:`_uniform_fit`'s
+    parts, with one temporary instead of six (the search's inner loop)."""
+    lv = _levels(_uniform_codes(x, scale, n), n)
+    num = (_weighted(v, x) * lv).sum(dim=1)
+    den = (lv.mul_(lv) if v is None else v * lv * lv).sum(dim=1)
+    return divide_where_positive(num * num, den, torch.zeros_like(den))
+
+
+def _clip_ratio_search(x32: torch.Tensor, v32: torch.Tensor | None, top: torch.Tensor, n: int, grid: int, fine: int,
                        criterion: str) -> torch.Tensor:
     """The clipping ratio of every row: a coarse grid of ratios in (0, 1], then a fine grid around each row's best."""
     def score(scale):  # lower is better
         scale = scale.float()
         if criterion == "mse":
             return _uniform_error(x32, v32, scale, n)[0].double()
-        _, num, den = _uniform_fit(x32, v32, scale, n)
-        return -divide_where_positive(num * num, den, torch.zeros_like(den)).double()
+        return -_cosine_score(x32, v32, scale, n).double()
 
     best_ratio, best = torch.ones_like(top), score(top)
     for r in torch.arange(1, grid, dtype=torch.float64) / grid:
@@ -153,19 +180,24 @@ def mse_optimal_uniform(w: torch.Tensor, bits: int, granularity: str = "channel"
         raise DfmpcError(f"unknown criterion {criterion!r}; use 'mse' or 'cosine'")
     n = 2**bits - 1
     full_x = _rows(w.detach().double(), granularity)
-    full_v = _rows(_weights_like(w, weights), granularity)
+    # no weights: all ones, left out of the products (the same values, a third fewer passes)
+    full_v = None if weights is None else _rows(_weights_like(w, weights), granularity)
     top = full_x.abs().amax(dim=1)
     # The search runs on at most SEARCH_LIMIT weights of the tensor, every row subsampled with the same stride:
     # every layer of the listed models but VGG's first classifier layer has fewer and is searched exactly; that
     # one has 103 million weights, and searching all of them 60 times took a minute. The codes and the result
     # use all weights.
     stride = -(-full_x.numel() // SEARCH_LIMIT)
-    x, v = full_x[:, ::stride], full_v[:, ::stride]
+    x, v = full_x[:, ::stride], None if full_v is None else full_v[:, ::stride]
 
-    x32, v32 = x.float(), v.float()  # the search in single precision (twice as fast); the result in double
+    x32 = x.float()  # the search in single precision (twice as fast); the result in double
     # every row searches on its own: chunks of rows keep the passes in the cache (numerics.ROW_CHUNK_ELEMENTS)
-    best_ratio = by_row_chunks(lambda x_rows, v_rows, top_rows: _clip_ratio_search(x_rows, v_rows, top_rows, n, grid,
-                                                                                   fine, criterion), x32, v32, top)
+    if v is None:
+        best_ratio = by_row_chunks(lambda x_rows, top_rows: _clip_ratio_search(x_rows, None, top_rows, n, grid, fine,
+                                                                               criterion), x32, top)
+    else:
+        best_ratio = by_row_chunks(lambda x_rows, v_rows, top_rows: _clip_ratio_search(
+            x_rows, v_rows, top_rows, n, grid, fine, criterion), x32, v.float(), top)
     best_scale = top * best_ratio
     if criterion == "cosine":
         codes, num, den = _uniform_fit(full_x, full_v, best_scale, n)
@@ -219,7 +251,7 @@ def _asymmetric_ratio_search(x, v, low, high, n: int, grid: int, fine: int) -> t
     def score(ratio):  # lower is better: minus the squared cosine times |x|_v^2
         step, zero_point = _asymmetric_grid(low * ratio, high * ratio, n)
         levels = _asymmetric_levels(x, step, zero_point, n)
-        num, den = (v * x * levels).sum(dim=1), (v * levels * levels).sum(dim=1)
+        num, den = (_weighted(v, x) * levels).sum(dim=1), (_weighted(v, levels) * levels).sum(dim=1)
         return -divide_where_positive(num * num, den, torch.zeros_like(den))
 
     best_ratio = torch.ones_like(low)
@@ -249,12 +281,17 @@ def cosine_optimal_asymmetric_grid(w: torch.Tensor, bits: int, weights: torch.Te
     if w.dim() < 2:
         raise DfmpcError(f"the asymmetric grid needs a weight of at least 2 dims [out, in, ...], got shape {tuple(w.shape)}")
     n = 2**bits - 1
-    x, v = _rows(w.detach().double(), "channel"), _rows(_weights_like(w, weights), "channel")
+    x = _rows(w.detach().double(), "channel")
     low, high = x.amin(dim=1).clamp(max=0), x.amax(dim=1).clamp(min=0)
     if search:
         stride = -(-x.numel() // SEARCH_LIMIT)
-        ratio = by_row_chunks(lambda x_rows, v_rows, low_rows, high_rows: _asymmetric_ratio_search(
-            x_rows, v_rows, low_rows, high_rows, n, grid, fine), x[:, ::stride], v[:, ::stride], low, high)
+        if weights is None:  # all ones, left out of the products (the same values)
+            ratio = by_row_chunks(lambda x_rows, low_rows, high_rows: _asymmetric_ratio_search(
+                x_rows, None, low_rows, high_rows, n, grid, fine), x[:, ::stride], low, high)
+        else:
+            v = _rows(_weights_like(w, weights), "channel")
+            ratio = by_row_chunks(lambda x_rows, v_rows, low_rows, high_rows: _asymmetric_ratio_search(
+                x_rows, v_rows, low_rows, high_rows, n, grid, fine), x[:, ::stride], v[:, ::stride], low, high)
     else:
         ratio = torch.ones_like(low)
     return _asymmetric_grid(low * ratio, high * ratio, n)

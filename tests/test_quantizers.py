@@ -133,6 +133,31 @@ def test_the_searches_give_the_same_bits_one_row_at_a_time_and_all_at_once(monke
         assert torch.equal(one_row.codes, all_rows.codes) and torch.equal(one_row.scale, all_rows.scale)
 
 
+def test_the_searches_without_weights_give_the_bits_of_all_ones_weights():
+    """Without weights the searches leave v = 1 out of their products (fewer passes, issue 20 item 4); multiplying
+    by 1 is exact, so codes, scales and dfmpc+'s channel gains equal those of explicit all-ones weights, bit for bit.
+    Real-valued, tied and zero weights (a zero row, repeated magnitudes) are in the tensor."""
+    from dfmpc.clipping import asymmetric_codes, mse_optimal_ternary, mse_optimal_uniform
+    from dfmpc.methods.dfmpc_plus import channel_gain
+
+    torch.manual_seed(0)
+    w = torch.randn(16, 8, 3, 3) * torch.rand(16, 1, 1, 1)
+    w[3] = 0
+    w[5, :, 0, 0] = 0.25
+    w[5, :, 1, 1] = -0.25
+    ones = torch.ones(8, 3, 3)
+    pairs = [(mse_optimal_uniform(w, 4), mse_optimal_uniform(w, 4, weights=ones)),
+             (mse_optimal_uniform(w, 3, criterion="cosine"), mse_optimal_uniform(w, 3, weights=ones, criterion="cosine")),
+             (mse_optimal_ternary(w), mse_optimal_ternary(w, weights=ones)),
+             (mse_optimal_ternary(w, "tensor"), mse_optimal_ternary(w, "tensor", weights=ones)),
+             (asymmetric_codes(w, 4), asymmetric_codes(w, 4, ones))]
+    for unweighted, weighted in pairs:
+        assert torch.equal(unweighted.codes, weighted.codes) and torch.equal(unweighted.scale, weighted.scale)
+    w_q = pairs[2][0].dequantize()
+    for key, value in channel_gain(w, w_q, None).items():
+        assert torch.equal(value, channel_gain(w, w_q, ones.expand_as(w))[key]), key
+
+
 # ------------------------------------------------------------------------------ the asymmetric (min/max) grid
 
 @pytest.mark.parametrize("bits", [3, 4, 8])

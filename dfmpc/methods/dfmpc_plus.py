@@ -73,15 +73,17 @@ def flip_rounded(w: torch.Tensor, q: QuantizedTensor) -> QuantizedTensor:
     return QuantizedTensor(codes=codes.to(q.codes.dtype), scale=q.scale, bits=q.bits, granularity=q.granularity)
 
 
-def channel_gain(w: torch.Tensor, w_q: torch.Tensor, variances: torch.Tensor) -> dict[str, torch.Tensor]:
+def channel_gain(w: torch.Tensor, w_q: torch.Tensor, variances: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """Per output channel: regression slope a = <W^, W>_v / |W|_v^2 and energies |W|_v^2, |W^|_v^2 (float64).
 
-    ``variances``: the input variance v_i broadcast to the weight's shape.
+    ``variances``: the input variance v_i broadcast to the weight's shape; None: all ones (no weighting).
     """
-    v = variances.double()
     w, w_q = w.double().reshape(w.shape[0], -1), w_q.double().reshape(w.shape[0], -1)
-    v = torch.broadcast_to(v, (w.shape[0],) + tuple(variances.shape[1:])).reshape(w.shape[0], -1)
-    e_fp, e_q, cross = (v * w * w).sum(dim=1), (v * w_q * w_q).sum(dim=1), (v * w * w_q).sum(dim=1)
+    if variances is None:  # v = 1 left out of the products: the same sums
+        e_fp, e_q, cross = (w * w).sum(dim=1), (w_q * w_q).sum(dim=1), (w * w_q).sum(dim=1)
+    else:
+        v = torch.broadcast_to(variances.double(), (w.shape[0],) + tuple(variances.shape[1:])).reshape(w.shape[0], -1)
+        e_fp, e_q, cross = (v * w * w).sum(dim=1), (v * w_q * w_q).sum(dim=1), (v * w * w_q).sum(dim=1)
     safe = positive_or_one(e_fp)
     slope = torch.where(e_fp > 0, cross / safe, torch.ones_like(e_fp))
     return {"slope": slope, "energy_fp": e_fp, "energy_q": e_q, "cross": cross}
@@ -337,10 +339,11 @@ class DFMPCPlus(QuantizationMethod):
                 run.rho[a.name] = float(self.correlation)
             run.details[a.name] = {"rho": run.rho[a.name]}
 
-    def _variances(self, name: str, run) -> torch.Tensor:
+    def _variances(self, name: str, run) -> torch.Tensor | None:
+        """Every weight's input variance, broadcast to the weight's shape; None (all ones) without weighting."""
         layer = run.modules[name]
         if self.weighting == "none":
-            return torch.ones_like(layer.weight, dtype=torch.float64)
+            return None
         return torch.broadcast_to(per_input_channel(layer, run.moments[name].var.double()), layer.weight.shape)
 
     def quantize_layer(self, name, weight, bits, run):
