@@ -410,7 +410,7 @@ def test_every_result_the_book_shows_is_committed_with_its_provenance():
 
 #: Results the book shows that were made before results recorded their code's commit, each to be rerun (issue 20,
 #: item 5): the set only shrinks, and a result rerun since must come off it.
-WITHOUT_COMMIT = {"coverage", "wa"}
+WITHOUT_COMMIT = {"coverage"}
 
 
 def test_every_rerun_result_records_the_clean_commit_of_its_code():
