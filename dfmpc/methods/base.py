@@ -101,6 +101,11 @@ class QuantizationMethod:
     def settings(self) -> dict:
         return {"granularity": self.granularity, "unpaired": self.unpaired, "keep_fp32": list(self.keep_fp32)}
 
+    def revise_plan(self, model: nn.Module, plan: MixedPrecisionPlan, run: Run) -> MixedPrecisionPlan:
+        """The plan to quantize by: a method may give a pair's layers other roles (``dfmpc+``'s ``low_layer``).
+        Default: the plan as found (layer l of every pair low, the paper's order)."""
+        return plan
+
     def prepare(self, model: nn.Module, plan: MixedPrecisionPlan, run: Run) -> nn.Module | None:
         """Modify the full-precision copy before quantization; may return a replacement with the same layer
         names (e.g. its traced graph). Default: nothing."""
@@ -139,6 +144,7 @@ class QuantizationMethod:
         plan = plan_layers(qmodel, self.bits, self.unpaired, self.keep_fp32, self.pairs, require_pairs=self.needs_pairs)
         run = Run()
         with torch.no_grad():
+            plan = self.revise_plan(qmodel, plan, run)
             qmodel = self.prepare(qmodel, plan, run) or qmodel
             modules = dict(qmodel.named_modules())
             fp_weights, quantized = {}, {}

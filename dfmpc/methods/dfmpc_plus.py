@@ -34,6 +34,10 @@ gamma_o <- gamma_o c_o and running_mean_o <- (running_mean_o + E[c_o X^_o - X_o]
 output; the BN shift beta_o, which the paper's Theta term protects, is untouched). Elsewhere (a
 classifier) the row of the weight is multiplied by c_o (a per-channel scale) and the bias corrected.
 
+Because every correction lives in the BN after its own layer, either layer of a pair can take the low bit width:
+``low_layer="least-error"`` gives it to the one whose codes lose less (:mod:`dfmpc.low_layer`); "first" (default)
+keeps the paper's order.
+
 With ``granularity="channel"`` (default) every channel has its own scale; ``"tensor"`` keeps one
 scale per tensor for the codes, and c still lives in the BN (or, without a BN, is stored as a
 32-bit compensation vector like DF-MPC's).
@@ -46,8 +50,10 @@ import torch
 from torch import nn
 
 from ..clipping import asymmetric_codes, mse_optimal_quantize, mse_optimal_ternary
+from ..coupling import coupled_gain, coupled_objective  # re-exported: the book's derivation imports them from here
 from ..errors import DfmpcError
 from ..graph import trace
+from ..low_layer import LOW_LAYERS, choose_low_layers, relative_error
 from ..moments import expected_output_shift, per_input_channel
 from ..numerics import by_row_chunks, divide_where_positive, positive_or_one
 from ..placement import correct_bias
@@ -104,40 +110,6 @@ def compensation_from_gain(stats: dict[str, torch.Tensor], gain: str = "unbiased
     else:
         c = one
     return c
-
-
-def coupled_objective(c: torch.Tensor, slope: torch.Tensor, noise: torch.Tensor, w_next: torch.Tensor,
-                      rho: float) -> torch.Tensor:
-    r"""J(c) = sum_t E[(sum_j w_tj (c_j x^_j - x_j))^2] for x^_j = a_j x_j + n_j (module docstring, step 2).
-
-    x: unit-variance channels with common correlation ``rho``; n_j independent noise of variance r_j
-    (``noise``); a_j = ``slope``; ``w_next`` (T, C): how the next layer mixes the channels.
-    """
-    u = c * slope - 1
-    d = (w_next**2).sum(dim=0)
-    g = w_next.T @ w_next
-    return (1 - rho) * (d * u * u).sum() + rho * u @ g @ u + (d * c * c * noise).sum()
-
-
-def coupled_gain(slope: torch.Tensor, noise: torch.Tensor, w_next: torch.Tensor, rho: float) -> torch.Tensor:
-    r"""The minimiser of :func:`coupled_objective` in closed form.
-
-    With u = c a - 1, D_j = sum_t w_tj^2, G = w_next^T w_next and H = (1 - rho) diag(D) + rho G, setting
-    the gradient to zero gives (diag(a^2) H + diag(D r)) u = -D r, and c = (1 + u) / a. For rho = 0 this
-    is DF-MPC's least-squares c_j = a_j / (a_j^2 + r_j) for every channel on its own; the more the next
-    layer adds the channels coherently (rho G large against D r), the closer c comes to 1 / a.
-    """
-    a, r = slope.double(), noise.double()
-    w = w_next.double()
-    d = (w**2).sum(dim=0)
-    # a channel the next layer does not read (D_j = 0) does not enter J: it keeps c = 1 / a
-    live = d > d.max() * 1e-12
-    u = torch.zeros_like(a)
-    if live.any():
-        wl, dl, al, rl = w[:, live], d[live], a[live], r[live]
-        h = (1 - rho) * torch.diag(dl) + rho * (wl.T @ wl)
-        u[live] = torch.linalg.lstsq(torch.diag(al * al) @ h + torch.diag(dl * rl), -(dl * rl)[:, None]).solution[:, 0]
-    return (1 + u) / a
 
 
 def _block_variances(layer: nn.Module, var_in: torch.Tensor) -> torch.Tensor:
@@ -286,7 +258,8 @@ class DFMPCPlus(QuantizationMethod):
 
     def __init__(self, bits="2/6", granularity: str = "channel", gain: str = "unbiased", mean_correction: bool = True,
                  weighting: str = "none", correlation="fit", clipping: str = "optimal", rounding: str = "flip",
-                 max_rho: float = 0.9, restarts=(1.0, 0.7, 1.4), grid: str = "symmetric", **kwargs):
+                 max_rho: float = 0.9, restarts=(1.0, 0.7, 1.4), grid: str = "symmetric", low_layer: str = "first",
+                 **kwargs):
         super().__init__(bits, granularity=granularity, **kwargs)
         if grid not in GRIDS:
             raise DfmpcError(f"unknown grid {grid!r}; use one of {', '.join(GRIDS)}")
@@ -295,6 +268,8 @@ class DFMPCPlus(QuantizationMethod):
                              "granularity='channel'")
         if gain not in GAINS:
             raise DfmpcError(f"unknown gain {gain!r}; use one of {', '.join(GAINS)}")
+        if low_layer not in LOW_LAYERS:
+            raise DfmpcError(f"unknown low_layer {low_layer!r}; use one of {', '.join(LOW_LAYERS)}")
         if weighting not in ("variance", "none"):
             raise DfmpcError(f"unknown weighting {weighting!r}; use 'variance' or 'none'")
         if correlation != "fit" and not (isinstance(correlation, (int, float)) and not isinstance(correlation, bool)
@@ -314,12 +289,45 @@ class DFMPCPlus(QuantizationMethod):
             raise DfmpcError(f"restarts must be a non-empty list of positive numbers, got {list(restarts)}")
         self.gain, self.mean_correction, self.weighting, self.correlation = gain, bool(mean_correction), weighting, correlation
         self.clipping, self.rounding, self.max_rho, self.restarts = clipping, rounding, float(max_rho), restarts
-        self.grid = grid
+        self.grid, self.low_layer = grid, low_layer
 
     def settings(self) -> dict:
         return {**super().settings(), "gain": self.gain, "mean_correction": self.mean_correction,
                 "weighting": self.weighting, "correlation": self.correlation, "clipping": self.clipping,
-                "rounding": self.rounding, "max_rho": self.max_rho, "restarts": list(self.restarts), "grid": self.grid}
+                "rounding": self.rounding, "max_rho": self.max_rho, "restarts": list(self.restarts), "grid": self.grid,
+                "low_layer": self.low_layer}
+
+    def revise_plan(self, model, plan, run):
+        """``low_layer`` other than "first": every pair's low layer chosen by :func:`dfmpc.low_layer.choose_low_layers`
+        from the relative error of both layers' codes at the low bit width (the codes this method gives them)."""
+        if self.low_layer == "first":
+            return plan
+        self.prepare(model, plan, run)
+
+        def low_error(name):
+            w = run.modules[name].weight.detach()
+            rho = self._kernel_correlation(name, plan.low_bits, run)
+            if rho is not None:
+                run.rho[name] = rho
+            return relative_error(w, self.quantize_layer(name, w, plan.low_bits, run).dequantize())
+
+        plan, record = choose_low_layers(model, plan, self.low_layer, low_error, self.unpaired, self.keep_fp32)
+        run.details.clear()  # prepare records the rho of the chosen low layers again
+        run.low_layer = {}  # pair layer -> its relative error at the low bits and whether it took them
+        for r in record:
+            for name in (r["first"], r["second"]):
+                run.low_layer[name] = {"relative_error_at_low_bits": r["relative_error"][name], "low": name == r["low"]}
+        return plan
+
+    def _kernel_correlation(self, name: str, bits: int, run) -> float | None:
+        """rho of the correlated ternary codes of layer ``name`` at ``bits`` (None where they do not apply)."""
+        layer = run.modules[name]
+        if bits != 2 or self.granularity != "channel" or not isinstance(layer, nn.Conv2d) or layer.weight[0, 0].numel() == 1:
+            return None
+        if self.correlation != "fit":
+            return float(self.correlation)
+        bn = run.modules[run.bn[name]] if name in run.bn else None
+        return 0.0 if bn is None else fit_kernel_correlation(layer, run.moments[name].var, bn.running_var, self.max_rho)
 
     def prepare(self, model, plan, run):
         run.moments = input_moments(model)  # every layer's input moments, from the BN statistics
@@ -327,17 +335,12 @@ class DFMPCPlus(QuantizationMethod):
         run.modules = dict(model.named_modules())
         run.rho = {}  # ternary layer -> the kernel correlation of its correlated codes
         for a in plan.layers:
-            layer = run.modules[a.name]
-            if (a.bits != 2 or self.granularity != "channel" or not isinstance(layer, nn.Conv2d)
-                    or layer.weight[0, 0].numel() == 1):
-                continue
-            if self.correlation == "fit":
-                bn = run.modules[run.bn[a.name]] if a.name in run.bn else None
-                run.rho[a.name] = 0.0 if bn is None else fit_kernel_correlation(layer, run.moments[a.name].var,
-                                                                                bn.running_var, self.max_rho)
-            else:
-                run.rho[a.name] = float(self.correlation)
-            run.details[a.name] = {"rho": run.rho[a.name]}
+            rho = self._kernel_correlation(a.name, a.bits, run)
+            if rho is not None:
+                run.rho[a.name] = rho
+                run.details[a.name] = {"rho": rho}
+        for name, choice in getattr(run, "low_layer", {}).items():  # what revise_plan chose, for the report
+            run.details.setdefault(name, {}).update(choice)
 
     def _variances(self, name: str, run) -> torch.Tensor | None:
         """Every weight's input variance, broadcast to the weight's shape; None (all ones) without weighting."""
