@@ -17,7 +17,7 @@ from dfmpc.cifar_resnet import CifarResNet
 from dfmpc.cli import main
 from dfmpc.errors import DfmpcError
 from dfmpc.evaluate import evaluate, predict
-from dfmpc.experiments import book, compare, deviations, measure, paper, table34
+from dfmpc.experiments import book, compare, deviations, measure, pair_roles, paper, table34
 from dfmpc.methods import METHODS, setting_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -608,6 +608,27 @@ def test_dfmpc_plus_defaults_survive_the_ablations_decision_rule():
         if r["variant"] == "one scale per tensor":
             r["top1"] = compare.figure(data, r["model"], r["bits"], variant="dfmpc+") + 0.1
     assert next(d for d in compare.ablation_decisions(better) if d["variant"] == "one scale per tensor")["adopted"]
+
+
+def test_the_books_pair_roles_ablation_extends_the_comparisons_and_is_decided_by_its_rule():
+    """book/data/pair_roles.json: the cells of the comparison's ablation (development half of the development models),
+    its default row the comparison's to the last digit; the rule adopts exactly pair_roles.PENDING_ADOPTION among the
+    rules that keep every model's size, refuses one that makes a model larger, and the no-larger rule never does."""
+    data, cmp = BOOK["pair_roles"], BOOK["compare"]
+    assert data["settings"]["models"] == compare.DEVELOPMENT_MODELS and data["settings"]["split"] == "dev"
+    assert data["settings"]["bits"] == cmp["settings"]["ablation_bits"]
+    for r in data["results"]["ablation"]:
+        if r["variant"] == "dfmpc+":
+            for field in ("top1", "top5", "agreement_with_fp32", "size_mb"):
+                assert r[field] == compare.figure(cmp, r["model"], r["bits"], variant="dfmpc+", field=field), r
+    decided = {d["variant"]: d for d in pair_roles.decisions(data)}
+    assert set(decided) == set(pair_roles.VARIANTS.values()) - {"dfmpc+"}
+    assert {v for v, d in decided.items() if d["adopted"] and not d["refused"]} == set(pair_roles.PENDING_ADOPTION)
+    no_larger = "least-error layer of each pair low, no larger model"
+    assert decided[no_larger]["size_change"] <= 0 and decided[no_larger]["refused"] is None
+    grown = copy.deepcopy(data)  # the same rows with one cell's model larger: refused whatever its accuracy
+    next(r for r in grown["results"]["ablation"] if r["variant"] == no_larger)["size_mb"] += 0.01
+    assert next(d for d in pair_roles.decisions(grown) if d["variant"] == no_larger)["refused"] == pair_roles.LARGER
 
 
 def test_readme_table_quotes_the_books_comparison():

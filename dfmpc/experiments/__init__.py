@@ -30,6 +30,7 @@ from . import (
                fig3,
                fig4,
                fig5,
+               pair_roles,
                speed,
                table1,
                table2,
@@ -46,7 +47,8 @@ __all__ = ["EXPERIMENTS", "GROUPS", "BOOK_PRESETS", "BOOK_OVERRIDES", "PRESETS",
            "run_experiments", "settings_for", "load_result", "book_data_dir", "describe", "data_label", "md_table"]
 
 EXPERIMENTS = {m.NAME: m for m in (table1, table2, table34, fig3, fig4, fig5, timing, diagnosis, compare, baselines,
-                                   deviations, coverage, wa, engine, zeroq_authors, authors_data_free, speed)}
+                                   deviations, coverage, wa, engine, zeroq_authors, authors_data_free, speed,
+                                   pair_roles)}
 
 #: Experiments that share models and images run in the same process; two processes fill two cores.
 #: (An experiment in no group runs in a process of its own.)
