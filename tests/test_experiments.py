@@ -627,7 +627,7 @@ def test_the_books_pair_roles_ablation_extends_the_comparisons_and_is_decided_by
     no_larger = "least-error layer of each pair low, no larger model"
     assert decided[no_larger]["size_change"] <= 0 and decided[no_larger]["refused"] is None
     grown = copy.deepcopy(data)  # the same rows with one cell's model larger: refused whatever its accuracy
-    next(r for r in grown["results"]["ablation"] if r["variant"] == no_larger)["size_mb"] += 0.01
+    next(r for r in grown["results"]["ablation"] if r["variant"] == no_larger)["size_mb"] += 1.0
     assert next(d for d in pair_roles.decisions(grown) if d["variant"] == no_larger)["refused"] == pair_roles.LARGER
 
 
