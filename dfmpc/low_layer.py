@@ -16,6 +16,9 @@ is corrected, relative to them: with W_o the filter of output channel o and Q_o 
 * ``"first"``: layer l low, the paper's order;
 * ``"least-error"``: the layer of the smaller e, where that does not make the model larger: the second layer takes
   the low bit width only if it has at least as many weights as the first;
+* ``"least-error-budget"``: the model no larger than in the paper's order in total: every swap of ``"least-error"``,
+  then, while the bits those saved last, the swaps that make the model larger, the largest drop of e per bit added
+  first;
 * ``"least-error-any-size"``: the layer of the smaller e, whatever the size.
 
 A tie keeps the paper's order.
@@ -34,7 +37,7 @@ from .plan import MixedPrecisionPlan, plan_layers
 
 __all__ = ["LOW_LAYERS", "relative_error", "choose_low_layers"]
 
-LOW_LAYERS = ("first", "least-error", "least-error-any-size")
+LOW_LAYERS = ("first", "least-error", "least-error-budget", "least-error-any-size")
 
 
 def relative_error(w: torch.Tensor, w_q: torch.Tensor) -> float:
@@ -64,15 +67,25 @@ def choose_low_layers(model: nn.Module, plan: MixedPrecisionPlan, rule: str, low
     if rule == "first":
         return plan, []
     modules = dict(model.named_modules())
-    pairs, record = [], []
+    candidates = []  # (pair, errors, weights, bits added by the swap)
     for pair in plan.pairs:
-        first, second = pair.low, pair.high
-        error = {first: low_error(first), second: low_error(second)}
-        weights = {name: modules[name].weight.numel() for name in (first, second)}
-        allowed = rule == "least-error-any-size" or weights[second] >= weights[first]
-        swap = allowed and error[second] < error[first]
-        pairs.append(LayerPair(low=second, high=first, bn=None, between=(), exact=False) if swap else pair)
-        record.append({"first": first, "second": second, "low": second if swap else first,
+        error = {name: low_error(name) for name in (pair.low, pair.high)}
+        weights = {name: modules[name].weight.numel() for name in (pair.low, pair.high)}
+        candidates.append((pair, error, weights, (weights[pair.low] - weights[pair.high]) * (plan.high_bits - plan.low_bits)))
+    better = [c for c in candidates if c[1][c[0].high] < c[1][c[0].low]]
+    swapped = {id(c[0]) for c in better if c[3] <= 0 or rule == "least-error-any-size"}
+    if rule == "least-error-budget":  # the bits the free swaps saved buy the best of the others
+        budget = -sum(c[3] for c in better if c[3] <= 0)
+        for pair, _, _, added in sorted((c for c in better if c[3] > 0),
+                                        key=lambda c: (c[1][c[0].high] - c[1][c[0].low]) / c[3]):
+            if added <= budget:
+                swapped.add(id(pair))
+                budget -= added
+    pairs, record = [], []
+    for pair, error, weights, _ in candidates:
+        swap = id(pair) in swapped
+        pairs.append(LayerPair(low=pair.high, high=pair.low, bn=None, between=(), exact=False) if swap else pair)
+        record.append({"first": pair.low, "second": pair.high, "low": pair.high if swap else pair.low,
                        "relative_error": error, "weights": weights})
     revised = plan_layers(model, f"{plan.low_bits}/{plan.high_bits}", unpaired, keep_fp32, pairs,
                           require_pairs=False)

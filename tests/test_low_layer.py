@@ -96,3 +96,34 @@ def test_on_resnet20_every_pair_gives_the_low_bits_to_its_second_layer(shared):
     for low, high in report.pairs:
         assert low.endswith("conv2") and high.endswith("conv1")
         assert details[high]["relative_error_at_low_bits"] - details[low]["relative_error_at_low_bits"] > 0.005
+
+
+def _three_pairs() -> nn.Module:
+    """Three conv -> BN -> ReLU pairs whose second convolutions are ternary already (e = 0, so every swap lowers the
+    error): pair A's second layer has 4x the weights of its first (its swap saves 13,824 bits at 2/6), pair B's a
+    quarter (its swap costs 13,824), pair C's a half (costs 2,304, and lowers e more per bit than B's)."""
+    torch.manual_seed(0)
+    widths = [8, 16, 32, 16, 8, 16, 4]
+    layers = []
+    for i, (cin, cout) in enumerate(zip(widths, widths[1:])):
+        conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        if i % 2:
+            with torch.no_grad():
+                conv.weight.copy_(torch.randint(-1, 2, conv.weight.shape).float() * 0.1)
+        layers += [conv, nn.BatchNorm2d(cout), nn.ReLU()]
+    return nn.Sequential(*layers[:-1]).eval()
+
+
+def test_the_budget_rule_spends_the_bits_its_free_swaps_save_on_the_best_error_per_bit():
+    net = _three_pairs()
+    _, first = dfmpc.quantize(net, "2/6", method="dfmpc+")
+    assert first.pairs == [("0", "3"), ("6", "9"), ("12", "15")]
+    low = {}
+    for rule in ("least-error", "least-error-budget", "least-error-any-size"):
+        _, report = dfmpc.quantize(net, "2/6", method="dfmpc+", low_layer=rule)
+        low[rule] = [a for a, _ in report.pairs]
+        if rule != "least-error-any-size":
+            assert report.size_mb <= first.size_mb, rule
+    assert low == {"least-error": ["3", "6", "12"],  # only A's swap keeps the model from growing
+                   "least-error-budget": ["3", "6", "15"],  # A's savings buy C's swap; B's no longer fits
+                   "least-error-any-size": ["3", "9", "15"]}
