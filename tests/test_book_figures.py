@@ -146,8 +146,8 @@ def test_the_readme_names_the_choices_pending_adoption():
     from dfmpc.experiments import pair_roles  # the choices measured since, on the same cells
 
     assert ("pair_roles.PENDING_ADOPTION" in README) == bool(pair_roles.PENDING_ADOPTION)
-    phrase = "giving the low bit width of each pair to the layer whose codes lose less, where the model does not grow"
-    assert (phrase in README) == ("least-error layer of each pair low, no larger model" in pair_roles.PENDING_ADOPTION)
+    phrase = "giving the low bit width of each pair to the layer whose codes lose less, with the whole model no larger"
+    assert (phrase in README) == ("least-error layer of each pair low, model no larger in total" in pair_roles.PENDING_ADOPTION)
 
 
 def test_the_readme_engine_figures_are_the_committed_engine_result():

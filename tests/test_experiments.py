@@ -612,8 +612,9 @@ def test_dfmpc_plus_defaults_survive_the_ablations_decision_rule():
 
 def test_the_books_pair_roles_ablation_extends_the_comparisons_and_is_decided_by_its_rule():
     """book/data/pair_roles.json: the cells of the comparison's ablation (development half of the development models),
-    its default row the comparison's to the last digit; the rule adopts exactly pair_roles.PENDING_ADOPTION among the
-    rules that keep every model's size, refuses one that makes a model larger, and the no-larger rule never does."""
+    its default row the comparison's to the last digit; of the rules the decision rule adopts and that keep every
+    model's size, the one with the largest mean is pair_roles.PENDING_ADOPTION; a rule that makes a model larger is
+    refused, and the no-larger rules never are."""
     data, cmp = BOOK["pair_roles"], BOOK["compare"]
     assert data["settings"]["models"] == compare.DEVELOPMENT_MODELS and data["settings"]["split"] == "dev"
     assert data["settings"]["bits"] == cmp["settings"]["ablation_bits"]
@@ -623,9 +624,12 @@ def test_the_books_pair_roles_ablation_extends_the_comparisons_and_is_decided_by
                 assert r[field] == compare.figure(cmp, r["model"], r["bits"], variant="dfmpc+", field=field), r
     decided = {d["variant"]: d for d in pair_roles.decisions(data)}
     assert set(decided) == set(pair_roles.VARIANTS.values()) - {"dfmpc+"}
-    assert {v for v, d in decided.items() if d["adopted"] and not d["refused"]} == set(pair_roles.PENDING_ADOPTION)
+    assert {pair_roles.chosen(data)} == set(pair_roles.PENDING_ADOPTION)
+    assert all(d["mean_change"] <= decided[pair_roles.chosen(data)]["mean_change"]
+               for d in decided.values() if d["adopted"] and not d["refused"])
     no_larger = "least-error layer of each pair low, no larger model"
-    assert decided[no_larger]["size_change"] <= 0 and decided[no_larger]["refused"] is None
+    for rule in ("least-error", "least-error-budget"):
+        assert decided[pair_roles.VARIANTS[rule]]["size_change"] <= 0 and decided[pair_roles.VARIANTS[rule]]["refused"] is None
     grown = copy.deepcopy(data)  # the same rows with one cell's model larger: refused whatever its accuracy
     next(r for r in grown["results"]["ablation"] if r["variant"] == no_larger)["size_mb"] += 1.0
     assert next(d for d in pair_roles.decisions(grown) if d["variant"] == no_larger)["refused"] == pair_roles.LARGER

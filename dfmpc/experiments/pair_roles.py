@@ -16,7 +16,7 @@ from __future__ import annotations
 from ..low_layer import LOW_LAYERS
 from .compare import DEVELOPMENT_MODELS, ablation_decisions, accuracy_scores, evaluation_set, measured_row
 
-__all__ = ["NAME", "TITLE", "BOOK_PRESET", "SETTINGS", "VARIANTS", "PENDING_ADOPTION", "LARGER", "run", "decisions"]
+__all__ = ["NAME", "TITLE", "BOOK_PRESET", "SETTINGS", "VARIANTS", "PENDING_ADOPTION", "LARGER", "run", "decisions", "chosen"]
 
 NAME = "pair_roles"
 TITLE = "dfmpc+: which layer of a pair takes the low bit width, on the development half"
@@ -35,7 +35,7 @@ VARIANTS = {"first": "dfmpc+", "least-error": "least-error layer of each pair lo
 #: committed result): they become the default with the next full run of the comparison, as the comparison's pending
 #: variants do.
 PENDING_ADOPTION = {
-    "least-error layer of each pair low, no larger model":
+    "least-error layer of each pair low, model no larger in total":
         "adopted by the rule on the development half after the test-half table was measured; it becomes the default "
         "with the next full run, with the comparison's pending variants",
 }
@@ -56,6 +56,13 @@ def run(session, cfg: dict) -> dict:
                                    settings)
                 out["ablation"].append({"variant": VARIANTS[rule], **row})
     return out
+
+
+def chosen(data: dict) -> str | None:
+    """The rule to adopt: the rules exclude one another, so of those the decision rule adopts and that keep every
+    model's size, the one with the largest mean change (None if there is none)."""
+    passing = [d for d in decisions(data) if d["adopted"] and not d["refused"]]
+    return max(passing, key=lambda d: d["mean_change"])["variant"] if passing else None
 
 
 def decisions(data: dict) -> list[dict]:
