@@ -408,18 +408,10 @@ def test_every_result_the_book_shows_is_committed_with_its_provenance():
             assert record["offline_copy"] and record["path"] is not None, (name, record)
 
 
-#: Results the book shows that were made before results recorded their code's commit, each to be rerun (issue 20,
-#: item 5): the set only shrinks, and a result rerun since must come off it.
-WITHOUT_COMMIT = {"coverage"}
-
-
-def test_every_rerun_result_records_the_clean_commit_of_its_code():
+def test_every_result_records_the_clean_commit_of_its_code():
     # main_command.json is the README's main command with --json: its commit is at the top, not under "versions"
     main = json.loads((ROOT / "book" / "data" / "main_command.json").read_text())
     for name, version in {**{n: r["versions"] for n, r in BOOK.items()}, "main_command": main}.items():
-        if name in WITHOUT_COMMIT:
-            assert "commit" not in version, f"book/data/{name}.json records its commit: take it off WITHOUT_COMMIT"
-            continue
         assert re.fullmatch(r"[0-9a-f]{40}", version.get("commit") or ""), f"book/data/{name}.json records no commit"
         assert version["dirty"] is False, f"book/data/{name}.json was made by uncommitted code: rerun from a clean clone"
 
