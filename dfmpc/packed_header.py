@@ -37,7 +37,7 @@ MAX_HEADER_BYTES = 16 * 2**20
 TENSOR_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
                  "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 #: settings that methods gained after files of this format were first written, with the default those files ran at
-LATER_SETTINGS = {"grid": "symmetric"}
+LATER_SETTINGS = {"grid": "symmetric", "low_layer": "first"}
 _ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 _FOREIGN = [  # the first bytes of files that people mistake for a quantized model, and what they are
     (b"PK\x03\x04", "a zip archive (the format of torch.save: a PyTorch checkpoint, not a dfmpc quantized model)"),

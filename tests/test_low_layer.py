@@ -127,3 +127,21 @@ def test_the_budget_rule_spends_the_bits_its_free_swaps_save_on_the_best_error_p
     assert low == {"least-error": ["3", "6", "12"],  # only A's swap keeps the model from growing
                    "least-error-budget": ["3", "6", "15"],  # A's savings buy C's swap; B's no longer fits
                    "least-error-any-size": ["3", "9", "15"]}
+
+
+def test_a_model_with_swapped_pairs_saves_and_loads_back_exactly(tmp_path):
+    """The file records low_layer with the other settings and holds every layer's codes at the bits it got; a file
+    written before the setting existed loads as the paper's order (packed_header.LATER_SETTINGS)."""
+    from dfmpc.models import load_model
+    from dfmpc.packed_header import LATER_SETTINGS
+
+    torch.manual_seed(0)
+    model, _ = load_model("resnet20_cifar10_a", pretrained=False)
+    q, report = dfmpc.quantize(model, "2/6", method="dfmpc+", low_layer="least-error-budget")
+    assert any(low.endswith("conv2") for low, _ in report.pairs)  # random weights: some pairs swap
+    dfmpc.save_quantized(q, report, tmp_path / "q.dfmpc", model_name="resnet20_cifar10_a")
+    loaded = dfmpc.load_quantized(tmp_path / "q.dfmpc")
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), q.eval()(x))
+    assert LATER_SETTINGS["low_layer"] == DFMPCPlus().low_layer == "first"
