@@ -69,14 +69,11 @@ def mse_optimal_ternary(w: torch.Tensor, granularity: str = "channel", weights: 
     stride = -(-x.numel() // SEARCH_LIMIT)
     searched_a = a[:, ::stride]
     # every row is its own problem: chunks of rows keep the sort in the cache (numerics.ROW_CHUNK_ELEMENTS)
-    if v is None:
-        keep, alpha = by_row_chunks(lambda a_rows: _ternary_choice(a_rows, None), searched_a)
-    else:
-        keep, alpha = by_row_chunks(_ternary_choice, searched_a, v[:, ::stride])
+    keep, alpha = by_row_chunks(_ternary_choice, searched_a, None if v is None else v[:, ::stride])
     if stride > 1:  # the subsample's threshold for the whole row, then the least-squares scale for those codes
         threshold = torch.where(keep.any(dim=1), torch.where(keep, searched_a, torch.inf).amin(dim=1), torch.inf)
         keep = (a >= threshold[:, None]) & (a > 0)
-        s, vv = (_weighted(v, a) * keep).sum(dim=1), (keep.double() if v is None else v * keep).sum(dim=1)
+        s, vv = (_weighted(v, a) * keep).sum(dim=1), _weighted(v, keep.double()).sum(dim=1)
         alpha = divide_where_positive(s, vv, torch.zeros_like(vv))
         keep = keep & (alpha[:, None] > 0)
     codes = (torch.sign(x) * keep).to(torch.int8).reshape(w.shape)
@@ -190,14 +187,10 @@ def mse_optimal_uniform(w: torch.Tensor, bits: int, granularity: str = "channel"
     stride = -(-full_x.numel() // SEARCH_LIMIT)
     x, v = full_x[:, ::stride], None if full_v is None else full_v[:, ::stride]
 
-    x32 = x.float()  # the search in single precision (twice as fast); the result in double
+    x32, v32 = x.float(), None if v is None else v.float()  # the search in single precision (twice as fast)
     # every row searches on its own: chunks of rows keep the passes in the cache (numerics.ROW_CHUNK_ELEMENTS)
-    if v is None:
-        best_ratio = by_row_chunks(lambda x_rows, top_rows: _clip_ratio_search(x_rows, None, top_rows, n, grid, fine,
-                                                                               criterion), x32, top)
-    else:
-        best_ratio = by_row_chunks(lambda x_rows, v_rows, top_rows: _clip_ratio_search(
-            x_rows, v_rows, top_rows, n, grid, fine, criterion), x32, v.float(), top)
+    best_ratio = by_row_chunks(lambda x_rows, v_rows, top_rows: _clip_ratio_search(x_rows, v_rows, top_rows, n, grid,
+                                                                                   fine, criterion), x32, v32, top)
     best_scale = top * best_ratio
     if criterion == "cosine":
         codes, num, den = _uniform_fit(full_x, full_v, best_scale, n)
@@ -282,16 +275,13 @@ def cosine_optimal_asymmetric_grid(w: torch.Tensor, bits: int, weights: torch.Te
         raise DfmpcError(f"the asymmetric grid needs a weight of at least 2 dims [out, in, ...], got shape {tuple(w.shape)}")
     n = 2**bits - 1
     x = _rows(w.detach().double(), "channel")
+    v = None if weights is None else _rows(_weights_like(w, weights), "channel")  # None: all ones, left out
     low, high = x.amin(dim=1).clamp(max=0), x.amax(dim=1).clamp(min=0)
     if search:
         stride = -(-x.numel() // SEARCH_LIMIT)
-        if weights is None:  # all ones, left out of the products (the same values)
-            ratio = by_row_chunks(lambda x_rows, low_rows, high_rows: _asymmetric_ratio_search(
-                x_rows, None, low_rows, high_rows, n, grid, fine), x[:, ::stride], low, high)
-        else:
-            v = _rows(_weights_like(w, weights), "channel")
-            ratio = by_row_chunks(lambda x_rows, v_rows, low_rows, high_rows: _asymmetric_ratio_search(
-                x_rows, v_rows, low_rows, high_rows, n, grid, fine), x[:, ::stride], v[:, ::stride], low, high)
+        ratio = by_row_chunks(lambda x_rows, v_rows, low_rows, high_rows: _asymmetric_ratio_search(
+            x_rows, v_rows, low_rows, high_rows, n, grid, fine), x[:, ::stride], None if v is None else v[:, ::stride],
+            low, high)
     else:
         ratio = torch.ones_like(low)
     return _asymmetric_grid(low * ratio, high * ratio, n)

@@ -14,7 +14,7 @@ __all__ = ["coupled_objective", "coupled_gain"]
 
 def coupled_objective(c: torch.Tensor, slope: torch.Tensor, noise: torch.Tensor, w_next: torch.Tensor,
                       rho: float) -> torch.Tensor:
-    r"""J(c) = sum_t E[(sum_j w_tj (c_j x^_j - x_j))^2] for x^_j = a_j x_j + n_j (module docstring, step 2).
+    r"""J(c) = sum_t E[(sum_j w_tj (c_j x^_j - x_j))^2] for x^_j = a_j x_j + n_j (:mod:`dfmpc.methods.dfmpc_plus`, step 2).
 
     x: unit-variance channels with common correlation ``rho``; n_j independent noise of variance r_j
     (``noise``); a_j = ``slope``; ``w_next`` (T, C): how the next layer mixes the channels.

@@ -67,26 +67,27 @@ def choose_low_layers(model: nn.Module, plan: MixedPrecisionPlan, rule: str, low
     if rule == "first":
         return plan, []
     modules = dict(model.named_modules())
-    candidates = []  # (pair, errors, weights, bits added by the swap)
+    candidates = []
     for pair in plan.pairs:
         error = {name: low_error(name) for name in (pair.low, pair.high)}
         weights = {name: modules[name].weight.numel() for name in (pair.low, pair.high)}
-        candidates.append((pair, error, weights, (weights[pair.low] - weights[pair.high]) * (plan.high_bits - plan.low_bits)))
-    better = [c for c in candidates if c[1][c[0].high] < c[1][c[0].low]]
-    swapped = {id(c[0]) for c in better if c[3] <= 0 or rule == "least-error-any-size"}
+        candidates.append({"pair": pair, "error": error, "weights": weights,
+                           "drop": error[pair.low] - error[pair.high],  # how much e falls if the pair swaps
+                           "added": (weights[pair.low] - weights[pair.high]) * (plan.high_bits - plan.low_bits)})
+    better = [c for c in candidates if c["drop"] > 0]
+    swapped = {id(c["pair"]) for c in better if c["added"] <= 0 or rule == "least-error-any-size"}
     if rule == "least-error-budget":  # the bits the free swaps saved buy the best of the others
-        budget = -sum(c[3] for c in better if c[3] <= 0)
-        for pair, _, _, added in sorted((c for c in better if c[3] > 0),
-                                        key=lambda c: (c[1][c[0].high] - c[1][c[0].low]) / c[3]):
-            if added <= budget:
-                swapped.add(id(pair))
-                budget -= added
+        budget = -sum(c["added"] for c in better if c["added"] <= 0)
+        for c in sorted((c for c in better if c["added"] > 0), key=lambda c: -c["drop"] / c["added"]):
+            if c["added"] <= budget:
+                swapped.add(id(c["pair"]))
+                budget -= c["added"]
     pairs, record = [], []
-    for pair, error, weights, _ in candidates:
-        swap = id(pair) in swapped
+    for c in candidates:
+        pair, swap = c["pair"], id(c["pair"]) in swapped
         pairs.append(LayerPair(low=pair.high, high=pair.low, bn=None, between=(), exact=False) if swap else pair)
         record.append({"first": pair.low, "second": pair.high, "low": pair.high if swap else pair.low,
-                       "relative_error": error, "weights": weights})
+                       "relative_error": c["error"], "weights": c["weights"]})
     revised = plan_layers(model, f"{plan.low_bits}/{plan.high_bits}", unpaired, keep_fp32, pairs,
                           require_pairs=False)
     return revised, record

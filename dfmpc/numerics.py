@@ -52,14 +52,15 @@ def row_chunks(rows: int, columns: int, elements: int | None = None) -> list[sli
     return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
-def by_row_chunks(solve, *tensors: torch.Tensor, columns: int | None = None):
+def by_row_chunks(solve, *tensors: torch.Tensor | None, columns: int | None = None):
     """``solve`` on the same chunk of rows (:func:`row_chunks`) of every tensor, its results concatenated along the
     rows: a tensor, or a tuple of tensors where ``solve`` returns a tuple. For searches in which every row is its own
-    problem, so that the result is the one of ``solve(*tensors)``. ``columns`` sizes the chunks (default: the values
+    problem, so that the result is the one of ``solve(*tensors)``. A tensor after the first may be None (an
+    optional argument, e.g. weights of one), passed on as None. ``columns`` sizes the chunks (default: the values
     in one row of the first tensor)."""
     first = tensors[0]
     width = first[0].numel() if columns is None else columns
-    parts = [solve(*(t[rows] for t in tensors)) for rows in row_chunks(first.shape[0], width)]
+    parts = [solve(*(None if t is None else t[rows] for t in tensors)) for rows in row_chunks(first.shape[0], width)]
     if isinstance(parts[0], tuple):
         return tuple(torch.cat(part) for part in zip(*parts))
     return torch.cat(parts)

@@ -302,21 +302,18 @@ class DFMPCPlus(QuantizationMethod):
         from the relative error of both layers' codes at the low bit width (the codes this method gives them)."""
         if self.low_layer == "first":
             return plan
-        self.prepare(model, plan, run)
+        self._read_statistics(model, run)
+        run.rho = {}
 
         def low_error(name):
             w = run.modules[name].weight.detach()
-            rho = self._kernel_correlation(name, plan.low_bits, run)
-            if rho is not None:
-                run.rho[name] = rho
+            run.rho[name] = self._kernel_correlation(name, plan.low_bits, run) or 0.0  # 0: no correlated codes
             return relative_error(w, self.quantize_layer(name, w, plan.low_bits, run).dequantize())
 
         plan, record = choose_low_layers(model, plan, self.low_layer, low_error, self.unpaired, self.keep_fp32)
-        run.details.clear()  # prepare records the rho of the chosen low layers again
-        run.low_layer = {}  # pair layer -> its relative error at the low bits and whether it took them
-        for r in record:
+        for r in record:  # what was chosen and why, for the report (prepare adds the rho of the chosen low layers)
             for name in (r["first"], r["second"]):
-                run.low_layer[name] = {"relative_error_at_low_bits": r["relative_error"][name], "low": name == r["low"]}
+                run.details[name] = {"relative_error_at_low_bits": r["relative_error"][name], "low": name == r["low"]}
         return plan
 
     def _kernel_correlation(self, name: str, bits: int, run) -> float | None:
@@ -329,18 +326,21 @@ class DFMPCPlus(QuantizationMethod):
         bn = run.modules[run.bn[name]] if name in run.bn else None
         return 0.0 if bn is None else fit_kernel_correlation(layer, run.moments[name].var, bn.running_var, self.max_rho)
 
+    def _read_statistics(self, model, run) -> None:
+        """Once per call: every layer's input moments from the BN statistics, the BN after it, the modules by name."""
+        if not hasattr(run, "moments"):
+            run.moments = input_moments(model)
+            run.bn = following_batch_norms(model, trace(model))
+            run.modules = dict(model.named_modules())
+
     def prepare(self, model, plan, run):
-        run.moments = input_moments(model)  # every layer's input moments, from the BN statistics
-        run.bn = following_batch_norms(model, trace(model))  # layer -> the BN after it
-        run.modules = dict(model.named_modules())
-        run.rho = {}  # ternary layer -> the kernel correlation of its correlated codes
+        self._read_statistics(model, run)
+        run.rho = {}  # ternary layer -> the kernel correlation of its correlated codes (revise_plan's are dropped)
         for a in plan.layers:
             rho = self._kernel_correlation(a.name, a.bits, run)
             if rho is not None:
                 run.rho[a.name] = rho
-                run.details[a.name] = {"rho": rho}
-        for name, choice in getattr(run, "low_layer", {}).items():  # what revise_plan chose, for the report
-            run.details.setdefault(name, {}).update(choice)
+                run.details.setdefault(a.name, {})["rho"] = rho
 
     def _variances(self, name: str, run) -> torch.Tensor | None:
         """Every weight's input variance, broadcast to the weight's shape; None (all ones) without weighting."""
