@@ -134,7 +134,7 @@ def cmd_experiments(args) -> int:
     run_experiments(names, preset, out, images=images, overrides=per_experiment,
                     jobs=args.jobs, command=command, device=args.device, seed=args.seed,
                     threads=args.threads, progress=not args.no_progress, data_dirs=data_dirs,
-                    batch_size=args.batch_size)
+                    batch_size=args.batch_size, rerun_method=args.rerun_method)
     return 0
 
 
@@ -235,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="change one setting of the preset, e.g. --set models=resnet20_cifar10_a (repeatable)")
     e.add_argument("--jobs", type=int, help="processes side by side (default: 2 on a multi-core CPU, else 1)")
+    e.add_argument("--rerun-method", metavar="METHOD",
+                   help="rerun only METHOD's rows of each experiment's result already in the output folder and keep "
+                        "the other methods' rows, recording which code measured which (method_versions)")
     _common(e, batch_size=None, images_help="give every image count of the preset N images, or 'all'")
     e.set_defaults(func=cmd_experiments)
     return parser

@@ -15,11 +15,12 @@ competitor at its strongest. Nothing here decides anything: it runs once, with t
 """
 from __future__ import annotations
 
+from ..errors import DfmpcError
 from ..methods import METHODS, settings_for_model
 from .compare import figure, measured_row, model_entry
 from .verdict import MODEL_LABELS, standing
 
-__all__ = ["NAME", "TITLE", "BOOK_PRESET", "SETTINGS", "AUTHORS", "AUTHORS_LABELS", "run", "strongest",
+__all__ = ["NAME", "TITLE", "BOOK_PRESET", "SETTINGS", "METHODS_SETTING", "AUTHORS", "AUTHORS_LABELS", "run", "strongest",
            "method_label", "rows"]
 
 NAME = "authors_data_free"
@@ -29,19 +30,25 @@ BOOK_PRESET = "full"
 AUTHORS = {"squant": {"grid": "asymmetric"}, "ocs": {"granularity": "tensor"}}
 #: method -> its authors' setting in a table's cell
 AUTHORS_LABELS = {"squant": "authors' grid", "ocs": "per tensor"}
+#: The setting that lists the methods measured: one method's rows can be rerun alone (:mod:`.merge`).
+METHODS_SETTING = "methods"
 SETTINGS = {
-    "quick": {"models": ["resnet20_cifar10_a"], "images": 200, "split": "test", "bits": ["2/6", "3/6"]},
+    "quick": {"models": ["resnet20_cifar10_a"], "images": 200, "split": "test", "bits": ["2/6", "3/6"],
+              "methods": ["dfmpc+", *AUTHORS]},
     # every model of the comparison's table; the CIFAR-100 ResNet-56 through its agreement with fp32 only
     "full": {"models": ["resnet20_cifar10_a", "resnet56_cifar10_a", "chenyaofo_resnet56_cifar100",
                         "efficientnet_lite0", "efficientnet_lite2"], "images": None, "split": "test",
-             "bits": ["2/6", "3/6", "4/6"]},
+             "bits": ["2/6", "3/6", "4/6"], "methods": ["dfmpc+", *AUTHORS]},
 }
 
 
 def run(session, cfg: dict) -> dict:
     from tqdm import tqdm
 
-    methods = ["dfmpc+", *AUTHORS]
+    methods = list(cfg["methods"])
+    for m in methods:
+        if m not in ("dfmpc+", *AUTHORS):
+            raise DfmpcError(f"{NAME} measures dfmpc+ and {', '.join(AUTHORS)}, not {m!r}")
     # laid out as the comparison's result, so that its views (:func:`.compare.pivot`, :mod:`.verdict`) read it
     out = {"bits": list(cfg["bits"]), "authors": AUTHORS, "models": [], "rows": [],
            "methods": {m: METHODS[m].description for m in methods}}

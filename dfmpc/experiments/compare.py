@@ -20,7 +20,7 @@ from ..methods import METHODS, settings_for_model
 from ..plan import parse_bits
 from ..size import fp32_size_mb
 
-__all__ = ["NAME", "TITLE", "BOOK_PRESET", "SETTINGS", "ABLATION", "DEVELOPMENT_MODELS", "DECISION_RULE",
+__all__ = ["NAME", "TITLE", "BOOK_PRESET", "SETTINGS", "METHODS_SETTING", "ABLATION", "DEVELOPMENT_MODELS", "DECISION_RULE",
            "PENDING_ADOPTION", "ablation_decisions", "standard_error", "accuracy_scores", "measured_row", "evaluation_set",
            "model_entry", "run", "pivot", "figure", "format_table", "format_ablation"]
 
@@ -29,6 +29,9 @@ TITLE = "Comparison: every method x bit width x model"
 BOOK_PRESET = "full"  # the book shows the comparison on all images of the offline sets
 BITS = ["2/6", "3/6", "4/6", "6/6"]
 DEVELOPMENT_MODELS = ["resnet20_cifar10_a", "efficientnet_lite0"]  # the only models any design choice is decided on
+#: The setting that lists the methods measured: one method's rows can be rerun alone (:mod:`.merge`; dfmpc+'s
+#: include the ablation).
+METHODS_SETTING = "methods"
 SETTINGS = {
     "quick": {"models": ["resnet20_cifar10_a"], "images": 500, "split": "test", "bits": BITS, "methods": list(METHODS),
               "ablation_models": ["resnet20_cifar10_a"], "ablation_bits": ["2/6"], "ablation_images": 500,
@@ -130,7 +133,8 @@ def run(session, cfg: dict) -> dict:
                         "confirmation_models": [m for m in cfg["models"] if m not in cfg["ablation_models"]],
                         "rule": "dfmpc+'s design is decided by the ablation on the development half of the development "
                                 "models; the table reports every method on the test half of every model"}}
-    total = len(cfg["models"]) * (1 + len(methods) * len(bits)) + len(ablation_models) * len(ABLATION) * len(ablation_bits)
+    total = (len(cfg["models"]) * (1 + len(methods) * len(bits))
+             + ("dfmpc+" in methods) * len(ablation_models) * len(ABLATION) * len(ablation_bits))
     with tqdm(total=total, desc="compare", unit="run", disable=not session.progress, leave=False) as bar:
         for name in cfg["models"]:
             _, spec = session.model(name)
@@ -146,7 +150,7 @@ def run(session, cfg: dict) -> dict:
             if name in ablation_models:
                 dev_fp, dev_record = session.predict(name, dataset, ablation_images, split=ablation_split)
                 out["ablation_fp32"].append({"model": name, "data": dev_record, **accuracy_scores(dev_fp, labelled)})
-            for b in ablation_bits if name in ablation_models else ():
+            for b in ablation_bits if name in ablation_models and "dfmpc+" in methods else ():  # dfmpc+'s ablation
                 for label, settings in ABLATION.items():
                     bar.set_postfix_str(f"{name} {b} ablation: {label}")
                     row = measured_row(session, name, dataset, ablation_images, ablation_split, "dfmpc+", b, dev_fp,

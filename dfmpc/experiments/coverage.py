@@ -31,7 +31,7 @@ from ..propagation import input_moments
 from .measure import batch_of, correlation, logits_of, measured_input_means, sqnr_db
 from .session import one_thread
 
-__all__ = ["NAME", "TITLE", "BOOK_PRESET", "SETTINGS", "FAMILIES", "family", "run"]
+__all__ = ["NAME", "TITLE", "BOOK_PRESET", "SETTINGS", "METHODS_SETTING", "FAMILIES", "family", "run"]
 
 NAME = "coverage"
 TITLE = "Architecture coverage: random calibrated weights, every model x method x bits (fidelity, not accuracy)"
@@ -57,6 +57,8 @@ REPRESENTATIVES = [representative for _, _, representative in FAMILIES]
 # came later and are exercised on every listed model by tests/test_coverage.py (zeroq's distillation and output-error
 # search take minutes per ImageNet model on a CPU), not yet measured here
 COVERAGE_METHODS = ["original", "per-channel", "dfq", "omse", "dfmpc", "dfmpc+"]
+#: The setting that lists the methods measured: one method's rows can be rerun alone (:mod:`.merge`).
+METHODS_SETTING = "methods"
 SETTINGS = {
     # CI: the small families, a few images
     "quick": {"models": ["resnet20_cifar10_a", "chenyaofo_resnet56_cifar100", "resnet20_cifar10", "mobilenetv2_w1",

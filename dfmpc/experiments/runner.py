@@ -24,6 +24,7 @@ import torch
 
 from ..errors import DfmpcError
 from ..options import parse_setting
+from .merge import merge_method_rows, methods_setting, read_committed, rerun_overrides
 from .provenance import collect_data_records, device_name, relative_paths, versions
 from .session import PRESETS, Session
 
@@ -122,15 +123,23 @@ def write_result(result: dict, out) -> Path:
     return path
 
 
-def _run_group(names, presets: dict, out: str, images, overrides: dict, command: str, options: dict):
-    """Run ``names`` in one session per preset; write each result as soon as it is done."""
+def _run_group(names, presets: dict, out: str, images, overrides: dict, command: str, options: dict,
+               rerun_method: str | None = None):
+    """Run ``names`` in one session per preset; write each result as soon as it is done. ``rerun_method``: run only
+    that method's rows and merge them into the result already in ``out`` (:mod:`.merge`)."""
     sessions = {}
     done = []
     for n in names:
         preset = presets[n]
         if preset not in sessions:
             sessions[preset] = Session(preset=preset, **options)
-        result = run_experiment(n, images=images, overrides=overrides.get(n), session=sessions[preset], command=command)
+        own = dict(overrides.get(n) or {})
+        if rerun_method is not None:
+            committed = read_committed(Path(out) / f"{n}.json")
+            own.update(rerun_overrides(n, _module(n), committed, rerun_method, str(Path(out) / f"{n}.json")))
+        result = run_experiment(n, images=images, overrides=own, session=sessions[preset], command=command)
+        if rerun_method is not None:
+            result = merge_method_rows(committed, result, rerun_method, methods_setting(_module(n)))
         path = write_result(result, out)
         print(f"{n:<10} {preset:<5} {result['wall_s']:7.1f} s wall {result['cpu_s']:7.1f} s CPU  -> {path}",
               file=sys.stderr, flush=True)
@@ -140,12 +149,13 @@ def _run_group(names, presets: dict, out: str, images, overrides: dict, command:
 
 def run_experiments(names=None, preset: str | dict = "quick", out="results/quick", images=None,
                     overrides: dict | None = None, jobs: int | None = None, command: str | None = None,
-                    **session_options) -> dict:
+                    rerun_method: str | None = None, **session_options) -> dict:
     """Run the experiments ``names`` (default: all) and write ``<out>/<name>.json``; return {name: path}.
 
     ``preset``: one preset for all, or experiment name -> preset (what ``--book`` uses). ``overrides``:
     experiment name -> settings. ``jobs`` processes (default: 2 on a CPU with two or more cores, else 1)
-    run the groups of the registry side by side.
+    run the groups of the registry side by side. ``rerun_method``: run only that method's rows of each experiment
+    and merge them into its result already in ``out``, keeping the other methods' rows (:mod:`.merge`).
     """
     from . import GROUPS
 
@@ -168,7 +178,11 @@ def run_experiments(names=None, preset: str | dict = "quick", out="results/quick
             min(folded, key=len).extend(g)
         groups = folded
     command = command or f"dfmpc.experiments.run_experiments({names!r})"
-    args = (images, dict(overrides or {}), command, session_options)
+    if rerun_method is not None:  # every committed result checked before anything runs
+        for n in names:
+            rerun_overrides(n, _module(n), read_committed(Path(out) / f"{n}.json"), rerun_method,
+                            str(Path(out) / f"{n}.json"))
+    args = (images, dict(overrides or {}), command, session_options, rerun_method)
     start = time.perf_counter()
     if len(groups) == 1:
         _run_group(groups[0], presets, str(out), *args)

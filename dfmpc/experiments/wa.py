@@ -18,13 +18,15 @@ from ..errors import DfmpcError
 from ..methods import METHODS, settings_for_model
 from ..plan import parse_bits
 
-__all__ = ["NAME", "TITLE", "BOOK_PRESET", "SETTINGS", "PAPER", "PAPER_NOTE", "CONFIGS", "parse_config", "run",
+__all__ = ["NAME", "TITLE", "BOOK_PRESET", "SETTINGS", "METHODS_SETTING", "PAPER", "PAPER_NOTE", "CONFIGS", "parse_config", "run",
            "format_table"]
 
 NAME = "wa"
 TITLE = "Weights and activations: W2/6-A8, W4-A8, W4-A4, W8-A8 for every method"
 BOOK_PRESET = "full"
 CONFIGS = ["W2/6-A8", "W4-A8", "W4-A4", "W4-A4 mse", "W8-A8"]
+#: The setting that lists the methods measured: one method's rows can be rerun alone (:mod:`.merge`).
+METHODS_SETTING = "methods"
 SETTINGS = {
     # CI: seconds; three methods on 100 images
     "quick": {"models": ["resnet20_cifar10_a"], "images": 100, "split": "test", "configs": CONFIGS,

@@ -11,25 +11,28 @@ Nothing here decides anything: it runs once, with the final defaults, on the tes
 """
 from __future__ import annotations
 
+from ..errors import DfmpcError
 from ..methods import METHODS, settings_for_model
 from .compare import figure, measured_row, model_entry
 from .verdict import MODEL_LABELS, standing
 
-__all__ = ["NAME", "TITLE", "BOOK_PRESET", "SETTINGS", "AUTHORS", "run", "cells", "rows"]
+__all__ = ["NAME", "TITLE", "BOOK_PRESET", "SETTINGS", "METHODS_SETTING", "AUTHORS", "run", "cells", "rows"]
 
 NAME = "zeroq_authors"
 TITLE = "ZeroQ at its authors' distillation budget (500 iterations, batch 32) against dfmpc+, test half"
 BOOK_PRESET = "full"
 #: The authors' distillation: 500 iterations on one batch of 32 images (their distill_data.py).
 AUTHORS = {"zeroq_steps": 500, "zeroq_batch": 32}
+#: The setting that lists the methods measured: one method's rows can be rerun alone (:mod:`.merge`).
+METHODS_SETTING = "methods"
 SETTINGS = {
     # quick: 20 steps stand in for the authors' 500 (CI's budget); the book's result is "full"
     "quick": {"models": ["resnet20_cifar10_a"], "images": 200, "split": "test", "bits": ["2/6"],
-              "zeroq_steps": 20, "zeroq_batch": 32},
+              "zeroq_steps": 20, "zeroq_batch": 32, "methods": ["dfmpc+", "zeroq"]},
     # The CIFAR ResNets and EfficientNet-Lite0: one distillation step on a batch of 32 images takes about 7 s on
     # one CPU thread for Lite0 at 224 px (an hour for 500 steps); Lite2 at 260 px takes longer, left for a GPU
     "full": {"models": ["resnet20_cifar10_a", "resnet56_cifar10_a", "efficientnet_lite0"],
-             "images": None, "split": "test", "bits": ["2/6", "3/6", "4/6"], **AUTHORS},
+             "images": None, "split": "test", "bits": ["2/6", "3/6", "4/6"], **AUTHORS, "methods": ["dfmpc+", "zeroq"]},
 }
 
 
@@ -37,18 +40,22 @@ def run(session, cfg: dict) -> dict:
     from tqdm import tqdm
 
     distillation = {"steps": cfg["zeroq_steps"], "images": cfg["zeroq_batch"]}  # ZeroQ's settings of that name
+    methods = list(cfg["methods"])
+    if not set(methods) <= {"dfmpc+", "zeroq"}:
+        raise DfmpcError(f"{NAME} measures dfmpc+ and zeroq, not {', '.join(sorted(set(methods) - {'dfmpc+', 'zeroq'}))}")
+    own = {"zeroq": distillation}
     # laid out as the comparison's result, so that its views (:func:`.compare.pivot`, :mod:`.verdict`) read it
     out = {"bits": list(cfg["bits"]), "zeroq_distillation": distillation, "models": [], "rows": [],
-           "methods": {m: METHODS[m].description for m in ("dfmpc+", "zeroq")}}
-    with tqdm(total=len(cfg["models"]) * len(cfg["bits"]) * 2, desc=NAME, unit="run", disable=not session.progress,
+           "methods": {m: METHODS[m].description for m in methods}}
+    with tqdm(total=len(cfg["models"]) * len(cfg["bits"]) * len(methods), desc=NAME, unit="run", disable=not session.progress,
               leave=False) as bar:
         for name in cfg["models"]:
             _, spec = session.model(name)
             entry, dataset, fp, labelled = model_entry(session, name, cfg["images"], cfg["split"])
             out["models"].append(entry)
             for b in cfg["bits"]:
-                for method, settings in (("dfmpc+", settings_for_model("dfmpc+", spec)),
-                                         ("zeroq", {**settings_for_model("zeroq", spec), **distillation})):
+                for method in methods:
+                    settings = {**settings_for_model(method, spec), **own.get(method, {})}
                     bar.set_postfix_str(f"{name} {b} {method}")
                     out["rows"].append(measured_row(session, name, dataset, cfg["images"], cfg["split"], method, b,
                                                     fp, labelled, settings))
