@@ -128,6 +128,10 @@ def provenance(result: dict) -> str:
              f"created {result['created']}",
              "versions: " + ", ".join(f"{k} {val}" for k, val in v.items())]
     lines += [f"data: {r['path']} ({r['images']:,} of {r['available']:,} images)" for r in result["data"]]
+    for method, rerun in (result.get("method_versions") or {}).items():  # rows rerun since (--rerun-method)
+        commit = rerun["versions"].get("commit") or "no commit"
+        lines.append(f"{method}'s rows rerun by {rerun['command']} at {commit[:7]}; {rerun['wall_s']:.0f} s; "
+                     f"created {rerun['created']}")
     return "\n".join(lines)
 
 

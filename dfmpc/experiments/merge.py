@@ -9,9 +9,11 @@ to it, and everything else from the committed result, after checking that they c
 
 * the same experiment, preset, settings (the method list aside), seed, image count and device (threads included);
 * everything the new run measured that is not one of the method's rows (the full-precision scores, the images,
-  the layout) equal to the committed result's, to the bit: if the full-precision predictions moved, the other
-  methods' rows no longer hold, and the experiment must be rerun whole;
-* the same rows of the method (model, bits, variant ...) in the same order.
+  the layout) equal to the committed result's (floats to a relative 1e-6, :func:`_close`): if the full-precision
+  predictions moved, the other methods' rows no longer hold, and the experiment must be rerun whole;
+* the same rows of the method (model, bits, variant ...) in the same order, in a list that holds other methods'
+  rows too; a list of the method's rows alone (the comparison's ablation of dfmpc+) is the rerun's, whatever rows
+  it has. The method's description is the rerun's.
 
 Provenance: the envelope (``versions``, ``command``, ``created``, ``wall_s``) stays that of the run that made the
 whole file; ``method_versions`` names, for every method whose rows were rerun since, the code (``versions``: commit,
@@ -19,6 +21,8 @@ dirty tree, libraries), the command, the date and the seconds of the run its row
 (:func:`row_versions` reads the two together).
 """
 from __future__ import annotations
+
+import math
 
 from ..errors import DfmpcError
 
@@ -133,10 +137,10 @@ def _merge(old, new, method: str, path: str):
     if _is_rows(old) or _is_rows(new):
         return _merge_rows(old, new, method, path)
     if isinstance(old, dict) and isinstance(new, dict):
-        if path.endswith(".methods"):  # the methods' descriptions: the rerun's are a subset
-            if any(old.get(m) != d for m, d in new.items()):
-                raise DfmpcError(f"{path}: the description of {method!r} changed; run the experiment whole")
-            return old
+        if path.endswith(".methods"):  # the methods' descriptions: the rerun's method's, and the others' kept
+            if set(new) - {method} or method not in old:
+                raise DfmpcError(f"{path}: the rerun describes methods other than {method!r}; run the experiment whole")
+            return {m: new[method] if m == method else d for m, d in old.items()}
         missing = set(old) ^ set(new)
         if missing:
             raise DfmpcError(f"{path}: the rerun's layout differs from the committed result's "
@@ -151,16 +155,25 @@ def _merge(old, new, method: str, path: str):
             raise DfmpcError(f"{path}: {len(new)} entries in the rerun, {len(old)} in the committed result; "
                              f"run the experiment whole")
         return [_merge(a, b, method, f"{path}[{i}]") for i, (a, b) in enumerate(zip(old, new))]
-    if old != new:
+    if old != new and not _close(old, new):
         raise DfmpcError(f"{path} is {new!r} in the rerun and {old!r} in the committed result: what the other "
                          f"methods' rows rest on changed, so they no longer hold; run the experiment whole")
     return old
 
 
+def _close(a, b) -> bool:
+    """Two floats equal to a relative 1e-6: a mean over thousands of images (the loss) varies in its eighth digit
+    between runs of the same code, while one prediction more or less changes an accuracy by 1e-4 or more."""
+    return (isinstance(a, float) and isinstance(b, float) and not isinstance(a, bool)
+            and math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12))
+
+
 def _merge_rows(old, new, method: str, path: str) -> list:
     old, new = list(old or []), list(new or [])
     if any(r["method"] != method for r in new):
-        raise DfmpcError(f"{path}: the rerun measured methods other than {method!r}")
+        raise DfmpcError(f"{path}: the rerun measured methods other than {method!r}; run the experiment whole")
+    if old and all(r["method"] == method for r in old):  # rows of this method alone (an ablation): all new
+        return new
     mine = [_identity(r) for r in old if r["method"] == method]
     if mine != [_identity(r) for r in new]:
         raise DfmpcError(f"{path}: the rerun's rows of {method!r} are not the committed result's (models, bits or "
