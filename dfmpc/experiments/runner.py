@@ -141,8 +141,9 @@ def _run_group(names, presets: dict, out: str, images, overrides: dict, command:
         if rerun_method is not None:
             result = merge_method_rows(committed, result, rerun_method, methods_setting(_module(n)))
         path = write_result(result, out)
-        print(f"{n:<10} {preset:<5} {result['wall_s']:7.1f} s wall {result['cpu_s']:7.1f} s CPU  -> {path}",
-              file=sys.stderr, flush=True)
+        ran = result["method_versions"][rerun_method] if rerun_method is not None else result  # this run's seconds
+        print(f"{n:<10} {preset:<5} {ran['wall_s']:7.1f} s wall {ran['cpu_s']:7.1f} s CPU  -> {path}"
+              + (f" ({rerun_method}'s rows rerun)" if rerun_method is not None else ""), file=sys.stderr, flush=True)
         done.append(n)
     return done
 
