@@ -20,6 +20,7 @@ relative comparisons only: JPEG costs the CIFAR-10 models about ten points, and 
 easier than the full validation set.
 """
 from . import (
+               adoption,
                authors_data_free,
                baselines,
                compare,
@@ -48,7 +49,7 @@ __all__ = ["EXPERIMENTS", "GROUPS", "BOOK_PRESETS", "BOOK_OVERRIDES", "PRESETS",
 
 EXPERIMENTS = {m.NAME: m for m in (table1, table2, table34, fig3, fig4, fig5, timing, diagnosis, compare, baselines,
                                    deviations, coverage, wa, engine, zeroq_authors, authors_data_free, speed,
-                                   pair_roles)}
+                                   pair_roles, adoption)}
 
 #: Experiments that share models and images run in the same process; two processes fill two cores.
 #: (An experiment in no group runs in a process of its own.)
