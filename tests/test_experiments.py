@@ -629,6 +629,41 @@ def test_the_books_pair_roles_ablation_extends_the_comparisons_and_is_decided_by
     assert next(d for d in pair_roles.decisions(grown) if d["variant"] == no_larger)["refused"] == pair_roles.LARGER
 
 
+def test_the_books_adoption_run_combines_every_pending_choice_and_chooses_by_the_rule():
+    """book/data/adoption.json: every combination of the pending choices of the comparison and of the pair roles
+    on the cells of the comparison's ablation, its default row the comparison's to the last digit; what it chooses
+    is adoption.ADOPT; a combination whose low-layer rule makes a model larger than the same combination in the
+    paper's order is refused, and one the rule passes with a larger mean is chosen instead."""
+    from dfmpc.experiments import adoption
+
+    data, cmp = BOOK["adoption"], BOOK["compare"]
+    assert data["settings"]["models"] == compare.DEVELOPMENT_MODELS and data["settings"]["split"] == "dev"
+    assert data["settings"]["bits"] == cmp["settings"]["ablation_bits"]
+    assert set(data["results"]["pending"]) == set(compare.PENDING_ADOPTION) | set(pair_roles.PENDING_ADOPTION)
+    assert data["results"]["combinations"] == adoption.combinations()
+    assert len(data["results"]["ablation"]) == 2 * 3 * 2 ** len(data["results"]["pending"])
+    for r in data["results"]["ablation"]:
+        if r["variant"] == "dfmpc+":
+            for field in ("top1", "top5", "agreement_with_fp32", "size_mb"):
+                assert r[field] == compare.figure(cmp, r["model"], r["bits"], variant="dfmpc+", field=field), r
+    assert adoption.chosen(data) == adoption.ADOPT
+    decided = {d["variant"]: d for d in adoption.decisions(data)}
+    best = " + ".join(adoption.ADOPT)
+    assert decided[best]["adopted"] and not decided[best]["refused"]
+    assert all(d["mean_change"] <= decided[best]["mean_change"] for d in decided.values()
+               if d["adopted"] and not d["refused"])
+    # a larger model refuses the combination whatever its accuracy; a better one is chosen
+    budget = pair_roles.VARIANTS["least-error-budget"]
+    changed = copy.deepcopy(data)
+    for r in changed["results"]["ablation"]:
+        if r["variant"] == budget:
+            r["top1"] = compare.figure(data, r["model"], r["bits"], variant="dfmpc+") + 5.0
+    assert adoption.chosen(changed) == [budget]
+    next(r for r in changed["results"]["ablation"] if r["variant"] == budget)["size_mb"] += 1.0
+    assert next(d for d in adoption.decisions(changed) if d["variant"] == budget)["refused"] == pair_roles.LARGER
+    assert adoption.chosen(changed) == adoption.ADOPT
+
+
 def test_readme_table_quotes_the_books_comparison():
     """Every top-1 figure in the README's table is the one in book/data/compare.json, with SQuant and OCS at the
     better of that and book/data/authors_data_free.json; every bit width of it is there, the "best data-free

@@ -18,7 +18,7 @@ from . import compare, pair_roles
 from .compare import DEVELOPMENT_MODELS, ablation_decisions, accuracy_scores, evaluation_set, measured_row
 
 __all__ = ["NAME", "TITLE", "BOOK_PRESET", "SETTINGS", "pending", "combinations", "run", "decisions", "chosen",
-           "ADOPT"]
+           "ADOPT", "SHORT", "table"]
 
 NAME = "adoption"
 TITLE = "dfmpc+: every combination of the pending choices, on the development half"
@@ -28,7 +28,13 @@ SETTINGS = {
     "full": {"models": DEVELOPMENT_MODELS, "bits": ["2/6", "3/6", "4/6"], "images": None, "split": "dev"},
 }
 #: What the committed result chooses (:func:`chosen`), and so what the next full run of the comparison adopts.
-ADOPT = ["ternary search from one start (no restarts)", "asymmetric grid for the k-bit layers"]
+ADOPT = ["asymmetric grid for the k-bit layers", "least-error layer of each pair low, model no larger in total"]
+
+
+#: A pending choice's name in a table's first column.
+SHORT = {"ternary search from one start (no restarts)": "one start",
+         "asymmetric grid for the k-bit layers": "asymmetric grid",
+         "least-error layer of each pair low, model no larger in total": "least-error low layer (budget)"}
 
 
 def pending() -> dict[str, dict]:
@@ -95,6 +101,36 @@ def decisions(data: dict) -> list[dict]:
 
 def chosen(data: dict) -> list[str]:
     """The pending choices to adopt: those of the combination with the largest mean change among the ones the rule
-    adopts and none refuses (the combinations exclude one another); [] where there is none."""
+    adopts and none refuses (the combinations exclude one another; of two with the same mean, the one of fewer
+    choices); [] where there is none."""
     passing = [d for d in decisions(data) if d["adopted"] and not d["refused"]]
     return max(passing, key=lambda d: d["mean_change"])["choices"] if passing else []
+
+
+def table(data: dict, labels: dict[str, str]) -> tuple[list[str], list[list[str]]]:
+    """The chapter's table: one row per combination (its choices by :data:`SHORT`; "none": the default), top-1 % in
+    every development cell (model columns named by ``labels``), the mean change against the default in points, and
+    the verdict: adopted by the rule, failed (its worst cell, the change and the standard error) or refused."""
+    rows = data["results"]["ablation"]
+    cells = list(dict.fromkeys((r["model"], r["bits"]) for r in rows))
+    top1 = {(r["variant"], r["model"], r["bits"]): r["top1"] for r in rows}
+    decided = {d["variant"]: d for d in decisions(data)}
+    header = ["pending choices", *(f"{labels.get(m, m)} {b}" for m, b in cells), "mean change", "verdict"]
+    out = []
+    for label, choices in data["results"]["combinations"].items():
+        d = decided.get(label)
+        if d is None:
+            verdict, mean = "the default", ""
+        else:
+            mean = f"{d['mean_change']:+.2f}"
+            model, bits = d["worst_cell"]
+            if d["refused"]:
+                verdict = "refused: a larger model"
+            elif d["adopted"]:
+                verdict = "**chosen**" if choices == chosen(data) else "adopted by the rule"
+            else:
+                verdict = (f"fails: {labels.get(model, model)} {bits} {d['worst_change']:+.2f} "
+                           f"(SE {d['worst_cell_se']:.2f})" if d["mean_change"] > 0 else "fails: mean not above 0")
+        out.append([" + ".join(SHORT.get(c, c) for c in choices) or "none",
+                    *(f"{top1[(label, m, b)]:.2f}" for m, b in cells), mean, verdict])
+    return header, out
