@@ -150,6 +150,23 @@ def test_the_readme_names_the_choices_pending_adoption():
     assert (phrase in README) == ("least-error layer of each pair low, model no larger in total" in pair_roles.PENDING_ADOPTION)
 
 
+def test_the_readme_says_which_pending_choices_the_next_full_run_adopts():
+    """The README's account of the pending choices measured together (book/data/adoption.json): which two are
+    adopted, their mean change, and what the third costs on the cell that fails it."""
+    from dfmpc.experiments import adoption
+
+    data = load_result("adoption", ROOT / "book" / "data")
+    decided = {tuple(d["choices"]): d for d in adoption.decisions(data)}
+    assert adoption.chosen(data) == adoption.ADOPT == ["asymmetric grid for the k-bit layers",
+                                                       "least-error layer of each pair low, model no larger in total"]
+    best, all_three = decided[tuple(adoption.ADOPT)], decided[tuple(data["results"]["pending"])]
+    assert (f"the grid and the low-layer choice together raise the mean by {best['mean_change']:.2f} points and "
+            "lower no cell") in README and best["worst_change"] >= 0
+    assert f"adding the single start costs ResNet-20 {-all_three['worst_change']:.2f} points at 2/6" in README
+    assert all_three["worst_cell"] == ("resnet20_cifar10_a", "2/6") and not all_three["adopted"]
+    assert -all_three["worst_change"] > all_three["worst_cell_se"]  # "more than a standard error"
+
+
 def test_the_readme_engine_figures_are_the_committed_engine_result():
     """The README's onnxruntime paragraph (its command's model, ResNet-56 at W2/6-A8) quotes book/data/engine.json."""
     engine = load_result("engine", ROOT / "book" / "data")

@@ -41,8 +41,10 @@ BOOK_OVERRIDES = {"placement_model": "resnet56_cifar10_a", "placement_bits": ["2
 # applied *before* that BatchNorm. Its k-bit codes and scales are original's (max-scale, rounded to nearest: without
 # rounding="nearest" they would be flip-rounded, a second change); its ternary codes are dfmpc+'s MSE-optimal ones
 # with rho = 0, which differ from the paper's threshold on a few per cent of the weights (tested).
+# The paper's grid and order are named, not left to dfmpc+'s defaults, so that a new default of either (the asymmetric
+# grid and the least-error low layer are pending: dfmpc.experiments.adoption) cannot change these rows' k-bit codes.
 _GAIN_ONLY = {"granularity": "tensor", "clipping": "none", "rounding": "nearest", "correlation": 0.0,
-              "mean_correction": False}
+              "mean_correction": False, "grid": "symmetric", "low_layer": "first"}
 PLACEMENT_VARIANTS = {
     "original (c = 1)": ("original", {}),
     "DF-MPC: c after BN and ReLU (Eq. 7)": ("dfmpc", dict(DFMPC_SETTINGS)),
