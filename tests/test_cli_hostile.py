@@ -125,7 +125,7 @@ _FLAGS = {"quantize": ["--model", "--bits", "--method", "--lambda1", "--lambda2"
                        "--json", "--save", "--save-method", "--random-weights", "--skip-unreadable", "--no-progress"],
           "benchmark": ["--models", "--bits", "--repeat", "--device", "--threads", "--json", "--startup"],
           "experiments": ["--set", "--images", "--seed", "--batch-size", "--threads", "--jobs", "--device", "--out",
-                          "--data-dir", "--quick", "--full", "--book", "--list"],
+                          "--data-dir", "--quick", "--full", "--book", "--list", "--rerun-method"],
           "models": [], "methods": []}
 
 
