@@ -59,7 +59,7 @@ from .errors import DfmpcError
 from .numerics import ROW_CHUNK_ELEMENTS, check_bit_width, divide_where_positive, per_row, row_chunks
 from .quantizers import QuantizedTensor, asymmetric_grid_position, ternary_quantize, uniform_grid_position, uniform_quantize
 
-__all__ = ["CHUNK", "GRIDS", "squant_round", "squant_quantize", "grid_position", "squant_reference_grid"]
+__all__ = ["CHUNK", "GRIDS", "squant_round", "squant_quantize", "grid_position", "squant_reference_grid", "flip_rounded"]
 
 GRIDS = ("symmetric", "asymmetric")
 
@@ -234,3 +234,11 @@ def squant_reference_grid(w: torch.Tensor, bits: int, squant_k: bool = True, squ
     x = w.detach().double() / step - offset
     codes = squant_round(x, 0, n, squant_k=squant_k, squant_c=squant_c)
     return ((codes.double() + offset) * step).to(w.dtype)
+
+
+def flip_rounded(w: torch.Tensor, q: QuantizedTensor) -> QuantizedTensor:
+    """The k-bit codes of ``w`` on the grid of ``q`` (its scales, Eq. 6 levels), rounded by SQuant's flip rule
+    (:func:`squant_round`: every kernel's and every channel's rounding-error sum near zero) instead of to the nearest
+    level: how dfmpc+ rounds its k-bit layers."""
+    codes = squant_round(uniform_grid_position(w, q.scale, q.bits), 0, 2**q.bits - 1)
+    return QuantizedTensor(codes=codes.to(q.codes.dtype), scale=q.scale, bits=q.bits, granularity=q.granularity)

@@ -145,3 +145,33 @@ def test_a_model_with_swapped_pairs_saves_and_loads_back_exactly(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(x), q.eval()(x))
     assert LATER_SETTINGS["low_layer"] == DFMPCPlus().low_layer == "first"
+
+
+def test_the_codes_that_decided_a_pair_are_the_codes_it_gets(monkeypatch):
+    """The low layer's ternary codes computed to choose it (revise_plan) are reused, not searched again: one
+    correlated search per layer of a pair, and the same model as searching again."""
+    from dfmpc.cifar_resnet import CifarResNet
+    from dfmpc.methods import dfmpc_plus
+
+    torch.manual_seed(0)
+    model = CifarResNet(20).eval()
+    calls = []
+    search = dfmpc_plus.correlated_ternary
+    monkeypatch.setattr(dfmpc_plus, "correlated_ternary", lambda *a, **k: calls.append(1) or search(*a, **k))
+    reused, report = dfmpc.quantize(model, "2/6", "dfmpc+", low_layer="least-error")
+    searched_once = len(calls)
+    details = {layer.name: layer.details for layer in report.layers}
+    correlated = sum(details[low].get("rho", 0.0) > 0 for low, _ in report.pairs)  # low layers with correlated codes
+    assert correlated > 0
+    calls.clear()
+    revise = DFMPCPlus.revise_plan
+
+    def forget(self, model, plan, run):  # the same choice, its codes dropped: every low layer is searched again
+        plan = revise(self, model, plan, run)
+        run.low_codes = {}
+        return plan
+
+    monkeypatch.setattr(DFMPCPlus, "revise_plan", forget)
+    searched, again = dfmpc.quantize(model, "2/6", "dfmpc+", low_layer="least-error")
+    assert len(calls) == searched_once + correlated and again.pairs == report.pairs
+    assert all(torch.equal(a, b) for a, b in zip(reused.state_dict().values(), searched.state_dict().values()))

@@ -58,8 +58,8 @@ from ..moments import expected_output_shift, per_input_channel
 from ..numerics import by_row_chunks, divide_where_positive, positive_or_one
 from ..placement import correct_bias
 from ..propagation import following_batch_norms, input_moments
-from ..quantizers import QuantizedTensor, quantize_weight, uniform_grid_position
-from ..rounding import squant_round
+from ..quantizers import QuantizedTensor, quantize_weight
+from ..rounding import flip_rounded  # re-exported: its home is dfmpc.rounding
 from .base import QuantizationMethod
 
 __all__ = ["DFMPCPlus", "GAINS", "ROUNDINGS", "GRIDS", "flip_rounded",
@@ -69,14 +69,6 @@ __all__ = ["DFMPCPlus", "GAINS", "ROUNDINGS", "GRIDS", "flip_rounded",
 GAINS = ("unbiased", "least-squares", "variance", "none")
 ROUNDINGS = ("nearest", "flip")
 GRIDS = ("symmetric", "asymmetric")
-
-
-def flip_rounded(w: torch.Tensor, q: QuantizedTensor) -> QuantizedTensor:
-    """The k-bit codes of ``w`` on the grid of ``q`` (its scales, Eq. 6 levels), rounded by SQuant's flip rule
-    (:func:`dfmpc.methods.squant.squant_round`: every kernel's and every channel's rounding-error sum near zero)
-    instead of to the nearest level."""
-    codes = squant_round(uniform_grid_position(w, q.scale, q.bits), 0, 2**q.bits - 1)
-    return QuantizedTensor(codes=codes.to(q.codes.dtype), scale=q.scale, bits=q.bits, granularity=q.granularity)
 
 
 def channel_gain(w: torch.Tensor, w_q: torch.Tensor, variances: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -204,8 +196,6 @@ def correlated_ternary(w: torch.Tensor, rho: float, variances: torch.Tensor | No
     optimum, so it is started from the rho = 0 scale times each of ``restarts`` and the channel keeps the
     codes with the largest cosine (never below that of the start).
     """
-    from ..quantizers import QuantizedTensor
-
     if not 0 <= rho < 1:
         raise DfmpcError(f"rho must be in [0, 1), got {rho}")
     o, i = w.shape[0], w.shape[1]
@@ -303,14 +293,16 @@ class DFMPCPlus(QuantizationMethod):
         if self.low_layer == "first":
             return plan
         self._read_statistics(model, run)
-        run.rho = {}
+        run.rho, codes = {}, {}
 
         def low_error(name):
             w = run.modules[name].weight.detach()
             run.rho[name] = self._kernel_correlation(name, plan.low_bits, run) or 0.0  # 0: no correlated codes
-            return relative_error(w, self.quantize_layer(name, w, plan.low_bits, run).dequantize())
+            codes[name] = self.quantize_layer(name, w, plan.low_bits, run)
+            return relative_error(w, codes[name].dequantize())
 
         plan, record = choose_low_layers(model, plan, self.low_layer, low_error, self.unpaired, self.keep_fp32)
+        run.low_codes = {r["low"]: codes[r["low"]] for r in record}  # quantize_layer's, for the same weights: reused
         for r in record:  # what was chosen and why, for the report (prepare adds the rho of the chosen low layers)
             for name in (r["first"], r["second"]):
                 run.details[name] = {"relative_error_at_low_bits": r["relative_error"][name], "low": name == r["low"]}
@@ -350,6 +342,8 @@ class DFMPCPlus(QuantizationMethod):
         return torch.broadcast_to(per_input_channel(layer, run.moments[name].var.double()), layer.weight.shape)
 
     def quantize_layer(self, name, weight, bits, run):
+        if name in getattr(run, "low_codes", {}) and run.low_codes[name].bits == bits:
+            return run.low_codes.pop(name)  # computed by revise_plan: same weights, bits and rho, same codes
         rho = run.rho.get(name, 0.0)
         if rho > 0:
             v = None if self.weighting == "none" else _block_variances(run.modules[name], run.moments[name].var)
