@@ -233,18 +233,15 @@ def _asymmetric_grid(low: torch.Tensor, high: torch.Tensor, n: int) -> tuple[tor
     return step, torch.round(-low / step)
 
 
-def _asymmetric_levels(x: torch.Tensor, step: torch.Tensor, zero_point: torch.Tensor, n: int) -> torch.Tensor:
-    """Round-to-nearest codes minus the zero point, in steps (rows of ``x``)."""
-    return torch.round(x / step[:, None] + zero_point[:, None]).clamp(0, n) - zero_point[:, None]
-
-
 def _asymmetric_ratio_search(x, v, low, high, n: int, grid: int, fine: int) -> torch.Tensor:
     """The ratio r of every row whose grid from r low to r high has the largest weighted cosine with the row: a coarse
     grid of ratios in (0, 1], then a fine grid around each row's best (as :func:`_clip_ratio_search`)."""
     def score(ratio):  # lower is better: minus the squared cosine times |x|_v^2
         step, zero_point = _asymmetric_grid(low * ratio, high * ratio, n)
-        levels = _asymmetric_levels(x, step, zero_point, n)
-        num, den = (_weighted(v, x) * levels).sum(dim=1), (_weighted(v, levels) * levels).sum(dim=1)
+        # round-to-nearest codes minus the zero point (levels, in steps), in place on one temporary: the inner loop
+        levels = (x / step[:, None]).add_(zero_point[:, None]).round_().clamp_(0, n).sub_(zero_point[:, None])
+        num = (_weighted(v, x) * levels).sum(dim=1)
+        den = (levels.mul_(levels) if v is None else v * levels * levels).sum(dim=1)
         return -divide_where_positive(num * num, den, torch.zeros_like(den))
 
     best_ratio = torch.ones_like(low)
