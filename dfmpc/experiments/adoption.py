@@ -34,7 +34,7 @@ ADOPT = ["asymmetric grid for the k-bit layers", "least-error layer of each pair
 #: A pending choice's name in a table's first column.
 SHORT = {"ternary search from one start (no restarts)": "one start",
          "asymmetric grid for the k-bit layers": "asymmetric grid",
-         "least-error layer of each pair low, model no larger in total": "least-error low layer (budget)"}
+         "least-error layer of each pair low, model no larger in total": "low layer by error"}
 
 
 def pending() -> dict[str, dict]:
@@ -129,7 +129,7 @@ def table(data: dict, labels: dict[str, str]) -> tuple[list[str], list[list[str]
             elif d["adopted"]:
                 verdict = "**chosen**" if choices == chosen(data) else "adopted by the rule"
             else:
-                verdict = (f"fails: {labels.get(model, model)} {bits} {d['worst_change']:+.2f} "
+                verdict = (f"fails: {d['worst_change']:+.2f} at {labels.get(model, model)} {bits} "
                            f"(SE {d['worst_cell_se']:.2f})" if d["mean_change"] > 0 else "fails: mean not above 0")
         out.append([" + ".join(SHORT.get(c, c) for c in choices) or "none",
                     *(f"{top1[(label, m, b)]:.2f}" for m, b in cells), mean, verdict])
