@@ -772,3 +772,38 @@ def test_a_result_records_the_commit_of_its_code_and_whether_the_tree_was_dirty(
     assert code_version.__wrapped__(str(tmp_path)) == {"commit": clean["commit"], "dirty": True}
     assert code_version.__wrapped__(str(tmp_path / "book")) == {"commit": None, "dirty": None}  # not the root
     assert code_version.__wrapped__(str(tmp_path.parent / "nowhere")) == {"commit": None, "dirty": None}
+
+
+def test_means_measured_on_distilled_images_give_each_bn_the_full_precision_output_mean():
+    """synthetic_means.correct_means: after it, on the images it measured, every corrected BatchNorm's output has the
+    per-channel mean of the full-precision model's, whatever the quantization did before it (a check that fails
+    with the correction off, and with c left out of it)."""
+    from dfmpc.cifar_resnet import CifarResNet
+    from dfmpc.experiments.synthetic_means import correct_means
+    from dfmpc.propagation import following_batch_norms
+
+    torch.manual_seed(0)
+    model = _trained_looking_resnet()
+    x = torch.randn(16, 3, 32, 32)
+    qmodel, report = dfmpc.quantize(model, "2/6", "dfmpc+", mean_correction=False)
+    after = following_batch_norms(model)
+    bns = [after[n] for n in report.quantized if n in after]
+
+    def bn_output_means(net):
+        found, modules = {}, dict(net.named_modules())
+        def keep(module, inputs, output, name):  # returns None: a hook's result would replace the output
+            found.setdefault(name, output.double().mean(dim=(0, 2, 3)))
+
+        handles = [modules[n].register_forward_hook(lambda m, i, o, n=n: keep(m, i, o, n)) for n in bns]
+        with torch.no_grad():
+            net.eval()(x)
+        for h in handles:
+            h.remove()
+        return found
+
+    fp = bn_output_means(model)
+    gap = lambda net: max(float((bn_output_means(net)[n] - fp[n]).abs().max()) for n in bns)  # noqa: E731
+    assert gap(qmodel) > 0.05  # quantized without the correction: the means are off
+    correct_means(qmodel, model, bns, x)
+    assert gap(qmodel) < 1e-5
+    assert isinstance(model, CifarResNet) and len(bns) == 19  # every convolution of ResNet-20 but the first is quantized

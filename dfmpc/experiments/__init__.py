@@ -33,6 +33,7 @@ from . import (
                fig5,
                pair_roles,
                speed,
+               synthetic_means,
                table1,
                table2,
                table34,
@@ -49,7 +50,7 @@ __all__ = ["EXPERIMENTS", "GROUPS", "BOOK_PRESETS", "BOOK_OVERRIDES", "PRESETS",
 
 EXPERIMENTS = {m.NAME: m for m in (table1, table2, table34, fig3, fig4, fig5, timing, diagnosis, compare, baselines,
                                    deviations, coverage, wa, engine, zeroq_authors, authors_data_free, speed,
-                                   pair_roles, adoption)}
+                                   pair_roles, adoption, synthetic_means)}
 
 #: Experiments that share models and images run in the same process; two processes fill two cores.
 #: (An experiment in no group runs in a process of its own.)
