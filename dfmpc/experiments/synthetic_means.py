@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..distill import distill_data, model_input_shape
+from ..evaluate import hooked_pass
 from ..graph import BATCH_NORMS
 from ..methods.zeroq import collect_statistics
 from ..propagation import following_batch_norms
@@ -71,15 +72,7 @@ def correct_means(qmodel: nn.Module, fp_model: nn.Module, batch_norms, x: torch.
 
     handles = [m.register_forward_pre_hook(lambda m, i, n=n: correct(m, i, n)) for n, m in qmodel.named_modules()
                if n in set(batch_norms) and isinstance(m, BATCH_NORMS)]
-    was_training = qmodel.training
-    try:
-        qmodel.eval()
-        with torch.no_grad():
-            qmodel(x)
-    finally:
-        qmodel.train(was_training)
-        for h in handles:
-            h.remove()
+    hooked_pass(qmodel, x, handles)
 
 
 def run(session, cfg: dict) -> dict:

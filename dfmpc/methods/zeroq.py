@@ -60,6 +60,7 @@ from ..distill import (
     model_input_shape,
 )
 from ..errors import DfmpcError
+from ..evaluate import hooked_pass
 from ..graph import BATCH_NORMS
 from ..numerics import check_bit_width
 from ..placement import correct_bias
@@ -162,15 +163,7 @@ def collect_statistics(model: nn.Module, names, x: torch.Tensor, grams: bool = T
     if bn_inputs:
         handles += [bn.register_forward_pre_hook(lambda m, i, n=n: record(m, i, n))
                     for n, bn in model.named_modules() if isinstance(bn, BATCH_NORMS)]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(x)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    hooked_pass(model, x, handles)
     return found, {n: m for n, m in averages.items() if calls[n] == 1}, moments
 
 
@@ -372,12 +365,5 @@ class ZeroQ(QuantizationMethod):
             handles += [bn.register_forward_pre_hook(lambda m, i, n=n: set_statistics(m, i, n))
                         for n, bn in model.named_modules() if isinstance(bn, BATCH_NORMS) and
                         (self.bn_reestimation == "plain" or n in moments)]
-        was_training = model.training
-        try:
-            model.eval()
-            model(run.x)
-        finally:
-            model.train(was_training)
-            for h in handles:
-                h.remove()
+        hooked_pass(model, run.x, handles)  # within apply's no_grad already
         return {}
