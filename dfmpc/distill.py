@@ -24,7 +24,7 @@ from .graph import BATCH_NORMS
 
 __all__ = ["DistilledImageCache", "DISTILLED_IMAGES",
            "EPS", "batch_norms", "bn_statistics_loss", "distill_data", "default_input_size", "model_input_shape",
-           "check_count"]
+           "check_count", "hooked_pass"]
 
 EPS = 1e-6  # added to the variances before the square root, as the authors' code
 
@@ -183,3 +183,18 @@ class DistilledImageCache:
 
 #: the cache ZeroQ uses (one per process; :func:`dfmpc.methods.zeroq.clear_distilled_cache` empties it)
 DISTILLED_IMAGES = DistilledImageCache()
+
+
+def hooked_pass(model: nn.Module, x: torch.Tensor, handles) -> None:
+    """One forward pass of ``model`` over ``x`` in eval mode without gradients, for what the hooks ``handles``
+    (registered on it beforehand) record or change; then the hooks are removed and the mode restored, whatever
+    happened."""
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .errors import DfmpcError
 
-__all__ = ["Predictions", "predict", "evaluate", "resolve_device", "device_of", "hooked_pass"]
+__all__ = ["Predictions", "predict", "evaluate", "resolve_device", "device_of"]
 
 
 @dataclass(frozen=True)
@@ -54,21 +54,6 @@ class Predictions:
         """``{"top1", "top5", "loss", "images"}``: what the experiments record for every model."""
         return {"top1": self.top1_accuracy(), "top5": self.top5_accuracy(), "loss": self.mean_loss(),
                 "images": len(self)}
-
-
-def hooked_pass(model: nn.Module, x: torch.Tensor, handles) -> None:
-    """One forward pass of ``model`` over ``x`` in eval mode without gradients, for what the hooks ``handles``
-    (registered on it beforehand) record or change; then the hooks are removed and the mode restored, whatever
-    happened."""
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(x)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:

@@ -25,8 +25,7 @@ import time
 import torch
 from torch import nn
 
-from ..distill import distill_data, model_input_shape
-from ..evaluate import hooked_pass
+from ..distill import distill_data, hooked_pass, model_input_shape
 from ..graph import BATCH_NORMS
 from ..methods.zeroq import collect_statistics
 from ..propagation import following_batch_norms

@@ -57,10 +57,10 @@ from ..distill import (
     check_count,
     default_input_size,
     distill_data,
+    hooked_pass,
     model_input_shape,
 )
 from ..errors import DfmpcError
-from ..evaluate import hooked_pass
 from ..graph import BATCH_NORMS
 from ..numerics import check_bit_width
 from ..placement import correct_bias
