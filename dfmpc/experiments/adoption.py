@@ -82,8 +82,7 @@ def _low_layer_growth(data: dict, label: str) -> float | None:
         return None
     without = [c for c in combos[label] if c not in rule]
     base = next(k for k, v in combos.items() if v == without)
-    size = {(r["variant"], r["model"], r["bits"]): r["size_mb"] for r in data["results"]["ablation"]}
-    return max(size[(label, m, b)] - size[(base, m, b)] for (v, m, b) in size if v == label)
+    return pair_roles.size_growth(data["results"]["ablation"], label, base)
 
 
 def decisions(data: dict) -> list[dict]:
@@ -103,8 +102,8 @@ def chosen(data: dict) -> list[str]:
     """The pending choices to adopt: those of the combination with the largest mean change among the ones the rule
     adopts and none refuses (the combinations exclude one another; of two with the same mean, the one of fewer
     choices); [] where there is none."""
-    passing = [d for d in decisions(data) if d["adopted"] and not d["refused"]]
-    return max(passing, key=lambda d: d["mean_change"])["choices"] if passing else []
+    best = pair_roles.best_passing(decisions(data))
+    return [] if best is None else best["choices"]
 
 
 def table(data: dict, labels: dict[str, str]) -> tuple[list[str], list[list[str]]]:
@@ -115,6 +114,7 @@ def table(data: dict, labels: dict[str, str]) -> tuple[list[str], list[list[str]
     cells = list(dict.fromkeys((r["model"], r["bits"]) for r in rows))
     top1 = {(r["variant"], r["model"], r["bits"]): r["top1"] for r in rows}
     decided = {d["variant"]: d for d in decisions(data)}
+    best = chosen(data)
     header = ["pending choices", *(f"{labels.get(m, m)} {b}" for m, b in cells), "mean change", "verdict"]
     out = []
     for label, choices in data["results"]["combinations"].items():
@@ -127,7 +127,7 @@ def table(data: dict, labels: dict[str, str]) -> tuple[list[str], list[list[str]
             if d["refused"]:
                 verdict = "refused: a larger model"
             elif d["adopted"]:
-                verdict = "**chosen**" if choices == chosen(data) else "adopted by the rule"
+                verdict = "**chosen**" if choices == best else "adopted by the rule"
             else:
                 verdict = (f"fails: {d['worst_change']:+.2f} at {labels.get(model, model)} {bits} "
                            f"(SE {d['worst_cell_se']:.2f})" if d["mean_change"] > 0 else "fails: mean not above 0")

@@ -22,7 +22,9 @@ dirty tree, libraries), the command, the date and the seconds of the run its row
 """
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 from ..errors import DfmpcError
 
@@ -42,9 +44,6 @@ def methods_setting(module) -> str | None:
 
 def read_committed(path) -> dict | None:
     """The committed result at ``path`` (None where there is none); DfmpcError where it is not a result file."""
-    import json
-    from pathlib import Path
-
     path = Path(path)
     if not path.is_file():
         return None

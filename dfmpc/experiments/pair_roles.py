@@ -16,7 +16,8 @@ from __future__ import annotations
 from ..low_layer import LOW_LAYERS
 from .compare import DEVELOPMENT_MODELS, ablation_decisions, accuracy_scores, evaluation_set, measured_row
 
-__all__ = ["NAME", "TITLE", "BOOK_PRESET", "SETTINGS", "VARIANTS", "PENDING_ADOPTION", "LARGER", "run", "decisions", "chosen"]
+__all__ = ["NAME", "TITLE", "BOOK_PRESET", "SETTINGS", "VARIANTS", "PENDING_ADOPTION", "LARGER", "run", "decisions", "chosen",
+           "size_growth", "best_passing"]
 
 NAME = "pair_roles"
 TITLE = "dfmpc+: which layer of a pair takes the low bit width, on the development half"
@@ -58,11 +59,25 @@ def run(session, cfg: dict) -> dict:
     return out
 
 
+def best_passing(decided: list[dict]) -> dict | None:
+    """Of variants that exclude one another, the decision with the largest mean change among those the rule adopts
+    and none refuses (the first of equal ones); None if there is none."""
+    passing = [d for d in decided if d["adopted"] and not d["refused"]]
+    return max(passing, key=lambda d: d["mean_change"]) if passing else None
+
+
+def size_growth(rows: list[dict], variant: str, base: str) -> float:
+    """The largest change of the model size in MB of ``variant`` against ``base`` over the cells of ``rows``
+    (ablation rows): positive where ``variant`` makes a model larger."""
+    size = {(r["variant"], r["model"], r["bits"]): r["size_mb"] for r in rows}
+    return max(s - size[(base, m, b)] for (v, m, b), s in size.items() if v == variant)
+
+
 def chosen(data: dict) -> str | None:
     """The rule to adopt: the rules exclude one another, so of those the decision rule adopts and that keep every
     model's size, the one with the largest mean change (None if there is none)."""
-    passing = [d for d in decisions(data) if d["adopted"] and not d["refused"]]
-    return max(passing, key=lambda d: d["mean_change"])["variant"] if passing else None
+    best = best_passing(decisions(data))
+    return None if best is None else best["variant"]
 
 
 def decisions(data: dict) -> list[dict]:
@@ -70,10 +85,8 @@ def decisions(data: dict) -> list[dict]:
     largest change of the model size in MB over the cells: positive where the rule makes a model larger) and
     ``refused`` (:data:`LARGER` where the rule makes a model larger, else None): the accuracy rule's ``adopted``
     stands only where ``refused`` is None."""
-    rows = data["results"]["ablation"]
-    default = {(r["model"], r["bits"]): r["size_mb"] for r in rows if r["variant"] == VARIANTS["first"]}
     out = []
     for d in ablation_decisions(data):
-        growth = max(r["size_mb"] - default[(r["model"], r["bits"])] for r in rows if r["variant"] == d["variant"])
+        growth = size_growth(data["results"]["ablation"], d["variant"], VARIANTS["first"])
         out.append({**d, "size_change": growth, "refused": LARGER if growth > 0 else None})
     return out

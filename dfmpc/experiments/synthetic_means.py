@@ -69,8 +69,9 @@ def correct_means(qmodel: nn.Module, fp_model: nn.Module, batch_norms, x: torch.
         mean_q = inputs[0].double().mean(dim=dims)
         bn.running_mean.copy_(mean_q + bn.running_mean.double() - fp_moments[name][0] / c)
 
+    wanted = set(batch_norms)
     handles = [m.register_forward_pre_hook(lambda m, i, n=n: correct(m, i, n)) for n, m in qmodel.named_modules()
-               if n in set(batch_norms) and isinstance(m, BATCH_NORMS)]
+               if n in wanted and isinstance(m, BATCH_NORMS)]
     hooked_pass(qmodel, x, handles)
 
 
@@ -85,7 +86,7 @@ def run(session, cfg: dict) -> dict:
                 row = measured_row(session, name, dataset, cfg["images"], cfg["split"], "dfmpc+", bits, fp, labelled,
                                    settings)
                 out["ablation"].append({"variant": label, **row})
-        shape = model_input_shape(model, spec.input_size)
+        shape, after = model_input_shape(model, spec.input_size), following_batch_norms(model)
         for steps, images, seed in cfg["distillations"][name]:
             start = time.perf_counter()
             x = distill_data(model, shape, images, steps, 0.5, seed)  # ZeroQ's lr; its own seeded generator
@@ -93,7 +94,6 @@ def run(session, cfg: dict) -> dict:
             label = f"means on distilled images ({steps} steps, {images} images, seed {seed})"
             out["distillations"][f"{name}: {label}"] = {"steps": steps, "images": images, "seed": seed,
                                                         "seconds": seconds}
-            after = following_batch_norms(model)
             for bits in cfg["bits"]:
                 qmodel, report = session.quantized(name, "dfmpc+", bits, mean_correction=False)
                 corrected = copy.deepcopy(qmodel)
